@@ -1,0 +1,1134 @@
+//! loadgen: simulated shop visitors sending event batches to the collector, or, with
+//! `--raw-redis`, the same events written straight to Redis as a baseline.
+//!
+//! All batches are generated (and, for HTTP, encoded) before the clock starts, from `--seed`,
+//! so two runs with the same flags send the same bytes and the measurement is of the
+//! receiver, not of the generator. Progress goes to stderr; stdout gets exactly one JSON line:
+//! `{"events_sent":..,"events_acked":..,"events_per_sec":..,"p50_ms":..,"p99_ms":..,"errors":..}`.
+//! The exit status is non-zero when `errors` is.
+//!
+//! - `shop`: the catalog and the visitors' journeys, as `wire::Batch`es.
+//! - `http`: POSTs encoded batches, retrying 503s with the same bytes.
+//! - `raw`: one plain pipeline per batch, the collector's per-event write mix.
+//! - `stats`: counters, latencies and the JSON line.
+
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::Context as _;
+use clap::Parser;
+use rand::{RngExt as _, SeedableRng as _};
+
+/// Simulated shop traffic for the collector (or for Redis directly, as a baseline).
+#[derive(Parser, Debug)]
+#[command(version, about, args_override_self = true)]
+struct Args {
+    /// The collector's batch endpoint, e.g. http://127.0.0.1:8080/v1/fb.
+    #[arg(
+        long,
+        required_unless_present = "raw_redis",
+        conflicts_with = "raw_redis"
+    )]
+    url: Option<String>,
+    /// Write the events straight to this Redis with plain pipelined commands instead.
+    #[arg(long, value_name = "REDIS_URL")]
+    raw_redis: Option<String>,
+    /// The write key put in every batch.
+    #[arg(long, default_value = "demo")]
+    write_key: String,
+    /// Events in total.
+    #[arg(long, default_value_t = 200_000)]
+    events: u64,
+    /// Distinct visitors (each with an anonymous id; some identify themselves).
+    #[arg(long, default_value_t = 2_000, value_parser = clap::value_parser!(u32).range(1..))]
+    visitors: u32,
+    /// Events per batch (each batch holds one visitor's events).
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=500))]
+    batch: u32,
+    /// Requests (or Redis connections) in flight at once.
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    concurrency: u32,
+    /// Seed for the simulation; random (and printed on stderr) if not given.
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args) {
+        Ok(summary) => {
+            println!("{}", summary.json());
+            if summary.errors > 0 {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+#[tokio::main]
+async fn run(args: Args) -> anyhow::Result<stats::Summary> {
+    let seed = args.seed.unwrap_or_else(|| rand::rng().random());
+    eprintln!(
+        "loadgen: seed {seed}, {} events, {} visitors, {} per batch, concurrency {}",
+        args.events, args.visitors, args.batch, args.concurrency
+    );
+    let started = Instant::now();
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+    let batches = shop::generate(
+        &mut rng,
+        &args.write_key,
+        args.events,
+        args.visitors,
+        args.batch,
+    );
+    eprintln!(
+        "loadgen: generated {} batches in {:.2}s",
+        batches.len(),
+        started.elapsed().as_secs_f64()
+    );
+    let concurrency = args.concurrency as usize;
+    match (&args.url, &args.raw_redis) {
+        (Some(url), _) => http::run(url, batches, concurrency).await,
+        (None, Some(redis_url)) => raw::run(redis_url, batches, concurrency)
+            .await
+            .context("raw redis mode"),
+        (None, None) => unreachable!("clap requires --url or --raw-redis"),
+    }
+}
+
+mod shop {
+    //! A small shop and its visitors: each batch continues one visitor's journey (pages,
+    //! product views, cart changes, checkouts, orders, identifies, email opens and clicks).
+
+    use rand::RngExt as _;
+    use rand::rngs::SmallRng;
+    use wire::{Batch, Context, Event, EventKind, Item, Property, Purpose, Value};
+
+    const SITE: &str = "https://shop.example";
+    const CATEGORIES: [&str; 12] = [
+        "shoes",
+        "shirts",
+        "trousers",
+        "jackets",
+        "dresses",
+        "bags",
+        "watches",
+        "hats",
+        "socks",
+        "sportswear",
+        "kids",
+        "accessories",
+    ];
+    const ADJECTIVES: [&str; 8] = [
+        "Classic", "Urban", "Trail", "Linen", "Merino", "Canvas", "Vintage", "Everyday",
+    ];
+    const PRODUCTS_PER_CATEGORY: usize = 40;
+    const LOCALES: [(&str, &str); 6] = [
+        ("en-GB", "Europe/London"),
+        ("de-DE", "Europe/Berlin"),
+        ("fr-FR", "Europe/Paris"),
+        ("en-US", "America/New_York"),
+        ("nl-NL", "Europe/Amsterdam"),
+        ("es-ES", "Europe/Madrid"),
+    ];
+    const SCREENS: [(u16, u16); 5] = [
+        (390, 844),
+        (414, 896),
+        (1280, 800),
+        (1440, 900),
+        (1920, 1080),
+    ];
+    /// (utm_source, utm_medium, utm_campaign, referrer)
+    const CAMPAIGNS: [(&str, &str, &str, &str); 4] = [
+        ("google", "cpc", "brand-search", "https://www.google.com/"),
+        ("newsletter", "email", "spring-sale", ""),
+        (
+            "instagram",
+            "social",
+            "new-arrivals",
+            "https://www.instagram.com/",
+        ),
+        (
+            "partner",
+            "affiliate",
+            "summer-deals",
+            "https://deals.example/",
+        ),
+    ];
+    const SEARCHES: [&str; 6] = [
+        "running shoes",
+        "rain jacket",
+        "linen shirt",
+        "gift",
+        "sale",
+        "black dress",
+    ];
+
+    /// A product in the catalog.
+    struct Product {
+        id: String,
+        category: &'static str,
+        name: String,
+        price: i64,
+    }
+
+    /// Where one visitor is in their journey.
+    struct Visitor {
+        anonymous_id: String,
+        user_id: Option<String>,
+        session_id: String,
+        locale: usize,
+        screen: usize,
+        campaign: Option<usize>,
+        page_url: String,
+        /// Product index and quantity.
+        cart: Vec<(usize, u32)>,
+        checkout_started: bool,
+        last_product: Option<usize>,
+    }
+
+    /// `events` events in batches of at most `batch`, each batch from one of `visitors`
+    /// visitors chosen at random, consent granted for every purpose.
+    pub fn generate(
+        rng: &mut SmallRng,
+        write_key: &str,
+        events: u64,
+        visitors: u32,
+        batch: u32,
+    ) -> Vec<Batch> {
+        let catalog = catalog(rng);
+        let mut visitors: Vec<Visitor> = (0..visitors).map(|_| new_visitor(rng)).collect();
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        let all_purposes = [
+            Purpose::Necessary,
+            Purpose::Analytics,
+            Purpose::Personalization,
+            Purpose::Marketing,
+        ]
+        .iter()
+        .fold(0u8, |mask, p| mask | p.bit());
+        let mut batches = Vec::with_capacity(events.div_ceil(u64::from(batch)) as usize);
+        let mut left = events;
+        while left > 0 {
+            let n = left.min(u64::from(batch)) as usize;
+            left -= n as u64;
+            let v = rng.random_range(0..visitors.len());
+            let visitor = &mut visitors[v];
+            if rng.random_bool(0.15) {
+                new_session(rng, visitor);
+            }
+            // Events a few seconds apart, the last one just before the batch is sent.
+            let mut events = Vec::with_capacity(n);
+            let mut t = now_ms - 1_000 * n as i64;
+            for _ in 0..n {
+                t += rng.random_range(200..1_000);
+                events.push(next_event(rng, &catalog, visitor, t));
+            }
+            let (utm_source, utm_medium, utm_campaign, referrer) = match visitor.campaign {
+                Some(c) => {
+                    let (s, m, c, r) = CAMPAIGNS[c];
+                    (Some(s), Some(m), Some(c), (!r.is_empty()).then_some(r))
+                }
+                None => (None, None, None, None),
+            };
+            let (locale, timezone) = LOCALES[visitor.locale];
+            let (screen_width, screen_height) = SCREENS[visitor.screen];
+            batches.push(Batch {
+                write_key: write_key.into(),
+                sent_at_ms: now_ms,
+                consent: all_purposes,
+                context: Context {
+                    page_url: Some(visitor.page_url.clone()),
+                    referrer: referrer.map(Into::into),
+                    utm_source: utm_source.map(Into::into),
+                    utm_medium: utm_medium.map(Into::into),
+                    utm_campaign: utm_campaign.map(Into::into),
+                    utm_term: None,
+                    utm_content: None,
+                    locale: Some(locale.into()),
+                    timezone: Some(timezone.into()),
+                    screen_width,
+                    screen_height,
+                    session_id: Some(visitor.session_id.clone()),
+                    anonymous_id: Some(visitor.anonymous_id.clone()),
+                    // Set from the batch after the one that identified the visitor, as a
+                    // tracker would.
+                    user_id: visitor.user_id.clone(),
+                },
+                events,
+            });
+        }
+        batches
+    }
+
+    fn catalog(rng: &mut SmallRng) -> Vec<Product> {
+        let mut products = Vec::with_capacity(CATEGORIES.len() * PRODUCTS_PER_CATEGORY);
+        for category in CATEGORIES {
+            for i in 0..PRODUCTS_PER_CATEGORY {
+                let adjective = ADJECTIVES[rng.random_range(0..ADJECTIVES.len())];
+                products.push(Product {
+                    id: format!("sku-{category}-{i:03}"),
+                    category,
+                    name: format!("{adjective} {} {i}", category.trim_end_matches('s')),
+                    // Prices in cents, 9.90 to 249.90.
+                    price: rng.random_range(1..25) * 1_000 - 10,
+                });
+            }
+        }
+        products
+    }
+
+    fn random_id(rng: &mut SmallRng) -> String {
+        let mut bytes = [0u8; 16];
+        rng.fill(&mut bytes[..]);
+        uuid::Builder::from_random_bytes(bytes)
+            .into_uuid()
+            .to_string()
+    }
+
+    fn new_visitor(rng: &mut SmallRng) -> Visitor {
+        let mut v = Visitor {
+            anonymous_id: random_id(rng),
+            user_id: None,
+            session_id: String::new(),
+            locale: rng.random_range(0..LOCALES.len()),
+            screen: rng.random_range(0..SCREENS.len()),
+            campaign: None,
+            page_url: format!("{SITE}/"),
+            cart: Vec::new(),
+            checkout_started: false,
+            last_product: None,
+        };
+        new_session(rng, &mut v);
+        v
+    }
+
+    fn new_session(rng: &mut SmallRng, v: &mut Visitor) {
+        v.session_id = random_id(rng);
+        v.campaign = rng
+            .random_bool(0.4)
+            .then(|| rng.random_range(0..CAMPAIGNS.len()));
+        v.page_url = match v.campaign {
+            Some(c) => {
+                let (s, m, c, _) = CAMPAIGNS[c];
+                format!("{SITE}/?utm_source={s}&utm_medium={m}&utm_campaign={c}")
+            }
+            None => format!("{SITE}/"),
+        };
+    }
+
+    fn message_id(rng: &mut SmallRng) -> [u8; 16] {
+        let mut id = [0u8; 16];
+        rng.fill(&mut id[..]);
+        // A version-4 UUID: random, and never all zero.
+        *uuid::Builder::from_random_bytes(id).into_uuid().as_bytes()
+    }
+
+    fn string(key: &str, value: impl Into<String>) -> Property {
+        Property {
+            key: key.into(),
+            value: Value::String(value.into()),
+        }
+    }
+
+    fn item(p: &Product, quantity: u32) -> Item {
+        Item {
+            product_id: p.id.clone(),
+            category: Some(p.category.into()),
+            price: p.price,
+            quantity,
+            name: Some(p.name.clone()),
+        }
+    }
+
+    /// The visitor's next event, chosen by weights that depend on where they are.
+    fn next_event(rng: &mut SmallRng, catalog: &[Product], v: &mut Visitor, t: i64) -> Event {
+        let has_cart = !v.cart.is_empty();
+        let weights: [(EventKind, u32); 10] = [
+            (EventKind::Page, 300),
+            (EventKind::ProductViewed, 300),
+            (EventKind::CartAdd, 100),
+            (EventKind::CartRemove, if has_cart { 30 } else { 0 }),
+            (EventKind::CheckoutStarted, if has_cart { 40 } else { 0 }),
+            (
+                EventKind::OrderCompleted,
+                if has_cart && v.checkout_started {
+                    150
+                } else {
+                    0
+                },
+            ),
+            (
+                EventKind::Identify,
+                if v.user_id.is_none() { 30 } else { 3 },
+            ),
+            (EventKind::Track, 50),
+            (
+                EventKind::EmailOpened,
+                if v.user_id.is_some() { 20 } else { 0 },
+            ),
+            (
+                EventKind::EmailClicked,
+                if v.user_id.is_some() { 10 } else { 0 },
+            ),
+        ];
+        let total: u32 = weights.iter().map(|(_, w)| w).sum();
+        let mut pick = rng.random_range(0..total);
+        let kind = weights
+            .iter()
+            .find(|(_, w)| {
+                if pick < *w {
+                    true
+                } else {
+                    pick -= w;
+                    false
+                }
+            })
+            .map_or(EventKind::Page, |(k, _)| *k);
+
+        let mut e = Event {
+            message_id: message_id(rng),
+            timestamp_ms: t,
+            kind,
+            purpose: Purpose::Analytics,
+            ..Event::default()
+        };
+        match kind {
+            EventKind::Page => {
+                let (path, title) = match rng.random_range(0..4) {
+                    0 => ("/".to_string(), "Home".to_string()),
+                    1 | 2 => {
+                        let c = CATEGORIES[rng.random_range(0..CATEGORIES.len())];
+                        (format!("/c/{c}"), format!("Category: {c}"))
+                    }
+                    _ => ("/sale".to_string(), "Sale".to_string()),
+                };
+                v.page_url = format!("{SITE}{path}");
+                e.name = Some(title.clone());
+                e.properties = vec![string("path", path), string("title", title)];
+            }
+            EventKind::ProductViewed => {
+                // Visitors browse within a category more often than not.
+                let i = match v.last_product {
+                    Some(last) if rng.random_bool(0.6) => {
+                        let base = last - last % PRODUCTS_PER_CATEGORY;
+                        base + rng.random_range(0..PRODUCTS_PER_CATEGORY)
+                    }
+                    _ => rng.random_range(0..catalog.len()),
+                };
+                let p = &catalog[i];
+                v.last_product = Some(i);
+                v.page_url = format!("{SITE}/p/{}", p.id);
+                e.items = vec![item(p, 1)];
+            }
+            EventKind::CartAdd => {
+                let i = v
+                    .last_product
+                    .unwrap_or_else(|| rng.random_range(0..catalog.len()));
+                let quantity = if rng.random_bool(0.8) {
+                    1
+                } else {
+                    rng.random_range(2..4)
+                };
+                match v.cart.iter_mut().find(|(p, _)| *p == i) {
+                    Some(line) => line.1 += quantity,
+                    None => v.cart.push((i, quantity)),
+                }
+                v.checkout_started = false;
+                e.items = vec![item(&catalog[i], quantity)];
+            }
+            EventKind::CartRemove => {
+                let line = rng.random_range(0..v.cart.len());
+                let (i, quantity) = v.cart.remove(line);
+                v.checkout_started = false;
+                e.items = vec![item(&catalog[i], quantity)];
+            }
+            EventKind::CheckoutStarted => {
+                v.checkout_started = true;
+                v.page_url = format!("{SITE}/checkout");
+                e.items = v.cart.iter().map(|(i, q)| item(&catalog[*i], *q)).collect();
+                e.revenue = cart_total(catalog, &v.cart);
+                e.currency = Some("EUR".into());
+            }
+            EventKind::OrderCompleted => {
+                let order_id = format!("ord-{}", &random_id(rng)[..13]);
+                v.page_url = format!("{SITE}/order/{order_id}");
+                e.items = v.cart.iter().map(|(i, q)| item(&catalog[*i], *q)).collect();
+                e.revenue = cart_total(catalog, &v.cart);
+                e.currency = Some("EUR".into());
+                e.order_id = Some(order_id);
+                v.cart.clear();
+                v.checkout_started = false;
+            }
+            EventKind::Identify => {
+                let user_id = v
+                    .user_id
+                    .get_or_insert_with(|| format!("user-{}", &random_id(rng)[..8]))
+                    .clone();
+                e.user_id = Some(user_id.clone());
+                e.properties = vec![
+                    string("email", format!("{user_id}@example.com")),
+                    string(
+                        "plan",
+                        if rng.random_bool(0.2) {
+                            "gold"
+                        } else {
+                            "basic"
+                        },
+                    ),
+                    Property {
+                        key: "newsletter".into(),
+                        value: Value::Bool(rng.random_bool(0.5)),
+                    },
+                    Property {
+                        key: "birth_year".into(),
+                        value: Value::Int(rng.random_range(1950..2006)),
+                    },
+                    Property {
+                        key: "nps".into(),
+                        value: Value::Float(f64::from(rng.random_range(0..=100u8)) / 10.0),
+                    },
+                ];
+            }
+            EventKind::Track => {
+                if rng.random_bool(0.7) {
+                    let query = SEARCHES[rng.random_range(0..SEARCHES.len())];
+                    e.name = Some("search".into());
+                    e.properties = vec![string("query", query)];
+                    v.page_url = format!("{SITE}/search?q={}", query.replace(' ', "+"));
+                } else {
+                    let i = v
+                        .last_product
+                        .unwrap_or_else(|| rng.random_range(0..catalog.len()));
+                    e.name = Some("wishlist_add".into());
+                    e.properties = vec![string("product_id", catalog[i].id.clone())];
+                }
+            }
+            EventKind::EmailOpened | EventKind::EmailClicked => {
+                e.purpose = Purpose::Marketing;
+                e.name = Some("spring-sale".into());
+                e.properties = vec![string("email_id", "spring-sale-2")];
+                if kind == EventKind::EmailClicked {
+                    e.properties.push(string("link", format!("{SITE}/sale")));
+                }
+            }
+            EventKind::Alias | EventKind::ConsentChange => {}
+        }
+        e
+    }
+
+    fn cart_total(catalog: &[Product], cart: &[(usize, u32)]) -> i64 {
+        cart.iter()
+            .map(|(i, q)| catalog[*i].price * i64::from(*q))
+            .sum()
+    }
+}
+
+mod stats {
+    //! What a run counted and measured, and the one JSON line that reports it.
+
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::Duration;
+
+    use serde::Serialize;
+
+    /// Shared counters, updated by the workers and read by the progress reporter.
+    #[derive(Default)]
+    pub struct Counters {
+        /// Events in batches that have been sent (retries not counted again).
+        pub sent: AtomicU64,
+        /// Events the receiver acknowledged.
+        pub acked: AtomicU64,
+        /// Batches that failed for good.
+        pub errors: AtomicU64,
+    }
+
+    impl Counters {
+        /// Adds `n` to `counter`.
+        pub fn add(counter: &AtomicU64, n: u64) {
+            counter.fetch_add(n, Ordering::Relaxed);
+        }
+
+        /// Reads `counter`.
+        pub fn get(counter: &AtomicU64) -> u64 {
+            counter.load(Ordering::Relaxed)
+        }
+    }
+
+    /// The final report, printed as one JSON line in this field order.
+    #[derive(Debug, Serialize)]
+    pub struct Summary {
+        /// Events in the batches sent.
+        pub events_sent: u64,
+        /// Events acknowledged (HTTP: `accepted`; raw: written).
+        pub events_acked: u64,
+        /// Acknowledged events per second of wall time.
+        pub events_per_sec: f64,
+        /// Median request (or pipeline) latency.
+        pub p50_ms: f64,
+        /// 99th percentile request (or pipeline) latency.
+        pub p99_ms: f64,
+        /// Batches that failed for good.
+        pub errors: u64,
+    }
+
+    impl Summary {
+        /// Builds the report from the counters, all latencies (in microseconds) and the
+        /// wall time.
+        pub fn new(counters: &Counters, mut latencies_us: Vec<u32>, elapsed: Duration) -> Self {
+            latencies_us.sort_unstable();
+            let acked = Counters::get(&counters.acked);
+            let secs = elapsed.as_secs_f64().max(1e-9);
+            Summary {
+                events_sent: Counters::get(&counters.sent),
+                events_acked: acked,
+                events_per_sec: round(acked as f64 / secs, 1),
+                p50_ms: round(percentile(&latencies_us, 0.50) / 1000.0, 3),
+                p99_ms: round(percentile(&latencies_us, 0.99) / 1000.0, 3),
+                errors: Counters::get(&counters.errors),
+            }
+        }
+
+        /// The JSON line.
+        pub fn json(&self) -> String {
+            serde_json::to_string(self).unwrap_or_else(|_| "{}".into())
+        }
+    }
+
+    /// Nearest-rank percentile of sorted values; 0 when there are none.
+    fn percentile(sorted: &[u32], q: f64) -> f64 {
+        if sorted.is_empty() {
+            return 0.0;
+        }
+        let rank = (q * sorted.len() as f64).ceil() as usize;
+        f64::from(sorted[rank.clamp(1, sorted.len()) - 1])
+    }
+
+    fn round(x: f64, decimals: i32) -> f64 {
+        let f = 10f64.powi(decimals);
+        (x * f).round() / f
+    }
+
+    /// Prints progress on stderr every two seconds until aborted.
+    pub fn spawn_progress(
+        counters: std::sync::Arc<Counters>,
+        total: u64,
+    ) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let mut tick = tokio::time::interval(Duration::from_secs(2));
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let acked = Counters::get(&counters.acked);
+                eprintln!(
+                    "loadgen: {}/{total} events sent, {acked} acked ({:.0}/s), {} errors",
+                    Counters::get(&counters.sent),
+                    acked as f64 / started.elapsed().as_secs_f64(),
+                    Counters::get(&counters.errors),
+                );
+            }
+        })
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn summary_reports_throughput_and_nearest_rank_percentiles() {
+            let counters = Counters::default();
+            Counters::add(&counters.sent, 1_000);
+            Counters::add(&counters.acked, 990);
+            Counters::add(&counters.errors, 1);
+            // 1..=100 ms, unsorted.
+            let latencies: Vec<u32> = (1..=100).rev().map(|ms| ms * 1_000).collect();
+            let s = Summary::new(&counters, latencies, Duration::from_millis(500));
+            assert_eq!(
+                s.json(),
+                r#"{"events_sent":1000,"events_acked":990,"events_per_sec":1980.0,"p50_ms":50.0,"p99_ms":99.0,"errors":1}"#
+            );
+            assert_eq!(percentile(&[], 0.5), 0.0);
+            assert_eq!(percentile(&[7], 0.99), 7.0);
+        }
+    }
+}
+
+mod http {
+    //! HTTP mode: encoded batches POSTed by `concurrency` workers; 503s are retried with
+    //! the same bytes (so the collector dedupes a batch it did apply) after `Retry-After`.
+
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+    use std::time::{Duration, Instant};
+
+    use axum::body::Bytes;
+    use reqwest::StatusCode;
+
+    use crate::stats::{Counters, Summary};
+
+    /// Retries of one batch answered 503 before it counts as an error.
+    const MAX_RETRIES: u32 = 3;
+    /// The longest `Retry-After` honoured; a bench should not stall on a bad header.
+    const MAX_RETRY_AFTER: Duration = Duration::from_secs(5);
+    /// Error details printed on stderr; the rest are only counted.
+    const MAX_REPORTED_ERRORS: u64 = 5;
+
+    /// Sends every batch to `url` and reports.
+    ///
+    /// # Errors
+    /// The HTTP client cannot be built.
+    pub async fn run(
+        url: &str,
+        batches: Vec<wire::Batch>,
+        concurrency: usize,
+    ) -> anyhow::Result<Summary> {
+        let total: u64 = batches.iter().map(|b| b.events.len() as u64).sum();
+        let bodies: Arc<Vec<(Bytes, u64)>> = Arc::new(
+            batches
+                .into_iter()
+                .map(|b| (Bytes::from(wire::encode(&b)), b.events.len() as u64))
+                .collect(),
+        );
+        let bytes: usize = bodies.iter().map(|(b, _)| b.len()).sum();
+        eprintln!(
+            "loadgen: encoded {} batches, {:.1} MB, posting to {url}",
+            bodies.len(),
+            bytes as f64 / 1e6
+        );
+        let client = reqwest::Client::builder()
+            // Load goes to the address given, never through a proxy from the environment.
+            .no_proxy()
+            .pool_max_idle_per_host(concurrency)
+            .tcp_nodelay(true)
+            .timeout(Duration::from_secs(30))
+            .build()?;
+        let counters = Arc::new(Counters::default());
+        let next = Arc::new(AtomicUsize::new(0));
+        let reported = Arc::new(AtomicU64::new(0));
+        let progress = crate::stats::spawn_progress(counters.clone(), total);
+        let started = Instant::now();
+        let workers: Vec<_> = (0..concurrency)
+            .map(|_| {
+                let (client, url, bodies) = (client.clone(), url.to_string(), bodies.clone());
+                let (counters, next, reported) = (counters.clone(), next.clone(), reported.clone());
+                tokio::spawn(async move {
+                    let mut latencies = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some((body, events)) = bodies.get(i) else {
+                            break;
+                        };
+                        Counters::add(&counters.sent, *events);
+                        match post(&client, &url, body, &mut latencies).await {
+                            Ok(accepted) => Counters::add(&counters.acked, accepted),
+                            Err(err) => {
+                                Counters::add(&counters.errors, 1);
+                                if reported.fetch_add(1, Ordering::Relaxed) < MAX_REPORTED_ERRORS {
+                                    eprintln!("loadgen: batch {i}: {err}");
+                                }
+                            }
+                        }
+                    }
+                    latencies
+                })
+            })
+            .collect();
+        let mut latencies = Vec::new();
+        for worker in workers {
+            latencies.extend(worker.await?);
+        }
+        let elapsed = started.elapsed();
+        progress.abort();
+        Ok(Summary::new(&counters, latencies, elapsed))
+    }
+
+    /// POSTs one body, retrying on 503; returns the `accepted` count. Every attempt's
+    /// latency goes to `latencies` (microseconds).
+    async fn post(
+        client: &reqwest::Client,
+        url: &str,
+        body: &Bytes,
+        latencies: &mut Vec<u32>,
+    ) -> Result<u64, String> {
+        let mut attempt = 0;
+        loop {
+            let t = Instant::now();
+            let response = client
+                .post(url)
+                .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
+                .body(body.clone())
+                .send()
+                .await;
+            let response = match response {
+                Ok(r) => r,
+                Err(err) => {
+                    latencies.push(micros(t.elapsed()));
+                    return Err(format!("request failed: {err}"));
+                }
+            };
+            let status = response.status();
+            let retry_after = response
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_secs);
+            let text = response.bytes().await;
+            latencies.push(micros(t.elapsed()));
+            let text = text.map_err(|e| format!("reading the answer: {e}"))?;
+            if status == StatusCode::OK {
+                let json: serde_json::Value = serde_json::from_slice(&text)
+                    .map_err(|e| format!("200 with a body that is not JSON: {e}"))?;
+                return json["accepted"]
+                    .as_u64()
+                    .ok_or_else(|| format!("200 without an accepted count: {json}"));
+            }
+            if status == StatusCode::SERVICE_UNAVAILABLE && attempt < MAX_RETRIES {
+                attempt += 1;
+                let wait = retry_after
+                    .unwrap_or(Duration::from_secs(1))
+                    .min(MAX_RETRY_AFTER);
+                tokio::time::sleep(wait).await;
+                continue;
+            }
+            let body = String::from_utf8_lossy(&text);
+            let body: String = body.chars().take(300).collect();
+            return Err(format!("{status} after {} attempts: {body}", attempt + 1));
+        }
+    }
+
+    fn micros(d: Duration) -> u32 {
+        u32::try_from(d.as_micros()).unwrap_or(u32::MAX)
+    }
+}
+
+mod raw {
+    //! Raw mode, the baseline: for each batch one pipeline of plain commands, the same
+    //! per-event writes the collector's script makes (without its checks, segments or
+    //! atomicity), over `concurrency` connections.
+
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::{Duration, Instant};
+
+    use anyhow::Context as _;
+    use profile_cache::ProfileId;
+    use wire::{Batch, EventKind};
+
+    use crate::stats::{Counters, Summary};
+
+    /// Approximate length `stream:events` is capped at.
+    const STREAM_MAXLEN: usize = 100_000;
+    /// Product views kept per profile.
+    const VIEWED_CAP: isize = 20;
+
+    /// Writes every batch to Redis at `url` and reports.
+    ///
+    /// # Errors
+    /// Redis cannot be reached.
+    pub async fn run(
+        url: &str,
+        batches: Vec<Batch>,
+        concurrency: usize,
+    ) -> anyhow::Result<Summary> {
+        let total: u64 = batches.iter().map(|b| b.events.len() as u64).sum();
+        let client = redis::Client::open(url).with_context(|| format!("redis url {url}"))?;
+        let mut connections = Vec::with_capacity(concurrency);
+        for _ in 0..concurrency {
+            connections.push(
+                client
+                    .get_multiplexed_async_connection()
+                    .await
+                    .context("connecting")?,
+            );
+        }
+        eprintln!("loadgen: writing {} batches to {url}", batches.len());
+        let batches = Arc::new(batches);
+        let counters = Arc::new(Counters::default());
+        let next = Arc::new(AtomicUsize::new(0));
+        let progress = crate::stats::spawn_progress(counters.clone(), total);
+        let started = Instant::now();
+        let workers: Vec<_> = connections
+            .into_iter()
+            .map(|mut con| {
+                let (batches, counters, next) = (batches.clone(), counters.clone(), next.clone());
+                tokio::spawn(async move {
+                    let mut latencies = Vec::new();
+                    let mut reported = false;
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(batch) = batches.get(i) else { break };
+                        let events = batch.events.len() as u64;
+                        Counters::add(&counters.sent, events);
+                        let t = Instant::now();
+                        let pipe = pipeline(batch);
+                        let result = pipe.query_async::<()>(&mut con).await;
+                        latencies.push(micros(t.elapsed()));
+                        match result {
+                            Ok(()) => Counters::add(&counters.acked, events),
+                            Err(err) => {
+                                Counters::add(&counters.errors, 1);
+                                if !reported {
+                                    eprintln!("loadgen: batch {i}: {err}");
+                                    reported = true;
+                                }
+                            }
+                        }
+                    }
+                    latencies
+                })
+            })
+            .collect();
+        let mut latencies = Vec::new();
+        for worker in workers {
+            latencies.extend(worker.await?);
+        }
+        let elapsed = started.elapsed();
+        progress.abort();
+        Ok(Summary::new(&counters, latencies, elapsed))
+    }
+
+    /// The writes for one batch, profile by profile as the collector groups them.
+    fn pipeline(batch: &Batch) -> redis::Pipeline {
+        let ctx = &batch.context;
+        let anonymous = ctx.anonymous_id.as_deref().unwrap_or("");
+        let mut pipe = redis::pipe();
+        for e in &batch.events {
+            // Identify names its user; everything else belongs to the batch's user, or to
+            // the anonymous visitor (the collector's rule).
+            let owner = match e.kind {
+                EventKind::Identify | EventKind::Alias => e.user_id.as_deref(),
+                _ => None,
+            }
+            .or(ctx.user_id.as_deref());
+            let Ok(profile) =
+                owner.map_or_else(|| ProfileId::anonymous(anonymous), ProfileId::user)
+            else {
+                continue;
+            };
+            let key = format!("profile:{{{profile}}}");
+            let ts = e.timestamp_ms;
+            let id = hex(&e.message_id);
+            let kind = kind_name(e.kind);
+
+            pipe.zadd(format!("{key}:dedupe"), &id, ts).ignore();
+            pipe.hincr(&key, "events", 1).ignore();
+            pipe.hset_nx(&key, "first_seen", ts).ignore();
+            pipe.hset(&key, "last_seen", ts).ignore();
+            pipe.hincr(format!("{key}:counts"), kind, 1).ignore();
+            match e.kind {
+                EventKind::Page => {
+                    pipe.hincr(&key, "page_views", 1).ignore();
+                }
+                EventKind::ProductViewed => {
+                    for item in &e.items {
+                        pipe.zadd(format!("{key}:viewed"), &item.product_id, ts)
+                            .ignore();
+                        pipe.zremrangebyrank(format!("{key}:viewed"), 0, -(VIEWED_CAP + 1))
+                            .ignore();
+                        if let Some(category) = &item.category {
+                            pipe.zincr(format!("{key}:cat_viewed"), category, 1)
+                                .ignore();
+                        }
+                    }
+                }
+                EventKind::CartAdd | EventKind::CartRemove => {
+                    let sign = if e.kind == EventKind::CartAdd { 1 } else { -1 };
+                    for item in &e.items {
+                        let delta = sign * i64::from(item.quantity);
+                        pipe.hincr(format!("{key}:cart"), &item.product_id, delta)
+                            .ignore();
+                    }
+                }
+                EventKind::OrderCompleted => {
+                    pipe.hincr(&key, "orders", 1).ignore();
+                    pipe.hincr(&key, "revenue", e.revenue).ignore();
+                    pipe.del(format!("{key}:cart")).ignore();
+                }
+                EventKind::Identify => {
+                    let traits: Vec<(String, String)> = e
+                        .properties
+                        .iter()
+                        .map(|p| (format!("trait:{}", p.key), value_string(&p.value)))
+                        .collect();
+                    if !traits.is_empty() {
+                        pipe.hset_multiple(&key, &traits).ignore();
+                    }
+                }
+                _ => {}
+            }
+            pipe.xadd_maxlen(
+                "stream:events",
+                redis::streams::StreamMaxlen::Approx(STREAM_MAXLEN),
+                "*",
+                &[
+                    ("profile", profile.as_str()),
+                    ("kind", kind),
+                    ("id", id.as_str()),
+                    ("ts", ts.to_string().as_str()),
+                ],
+            )
+            .ignore();
+        }
+        pipe
+    }
+
+    /// The name the collector uses (`profile_cache` lists kinds in wire order).
+    fn kind_name(kind: EventKind) -> &'static str {
+        profile_cache::EventKind::ALL[kind as usize].as_str()
+    }
+
+    fn value_string(v: &wire::Value) -> String {
+        match v {
+            wire::Value::String(s) => s.clone(),
+            wire::Value::Int(i) => i.to_string(),
+            wire::Value::Float(f) => f.to_string(),
+            wire::Value::Bool(b) => b.to_string(),
+        }
+    }
+
+    fn hex(bytes: &[u8]) -> String {
+        use std::fmt::Write as _;
+        bytes.iter().fold(String::with_capacity(32), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
+    }
+
+    fn micros(d: Duration) -> u32 {
+        u32::try_from(d.as_micros()).unwrap_or(u32::MAX)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use rand::SeedableRng as _;
+    use rand::rngs::SmallRng;
+    use wire::EventKind;
+
+    use super::shop;
+
+    fn generate(seed: u64, events: u64, visitors: u32, batch: u32) -> Vec<wire::Batch> {
+        shop::generate(
+            &mut SmallRng::seed_from_u64(seed),
+            "k",
+            events,
+            visitors,
+            batch,
+        )
+    }
+
+    #[test]
+    fn same_seed_generates_the_same_events() {
+        let strip = |batches: Vec<wire::Batch>| -> Vec<wire::Batch> {
+            // Only the clock differs between two runs.
+            batches
+                .into_iter()
+                .map(|mut b| {
+                    b.sent_at_ms = 0;
+                    b.events.iter_mut().for_each(|e| e.timestamp_ms = 0);
+                    b
+                })
+                .collect()
+        };
+        assert_eq!(
+            strip(generate(7, 500, 10, 20)),
+            strip(generate(7, 500, 10, 20))
+        );
+        assert_ne!(
+            strip(generate(7, 500, 10, 20)),
+            strip(generate(8, 500, 10, 20))
+        );
+    }
+
+    #[test]
+    fn batches_split_the_requested_events_one_visitor_each() {
+        let batches = generate(1, 1_005, 50, 20);
+        assert_eq!(batches.len(), 51);
+        assert_eq!(batches.iter().map(|b| b.events.len()).sum::<usize>(), 1_005);
+        assert!(batches.iter().all(|b| (1..=20).contains(&b.events.len())));
+        assert!(
+            batches
+                .iter()
+                .all(|b| b.write_key == "k" && b.consent == 0b1111)
+        );
+        let visitors: HashSet<_> = batches
+            .iter()
+            .map(|b| b.context.anonymous_id.clone().unwrap())
+            .collect();
+        assert!(
+            visitors.len() <= 50 && visitors.len() > 20,
+            "{} visitors",
+            visitors.len()
+        );
+    }
+
+    #[test]
+    fn every_event_has_a_unique_nonzero_message_id() {
+        let batches = generate(2, 20_000, 100, 50);
+        let ids: HashSet<[u8; 16]> = batches
+            .iter()
+            .flat_map(|b| b.events.iter().map(|e| e.message_id))
+            .collect();
+        assert_eq!(ids.len(), 20_000);
+        assert!(!ids.contains(&[0; 16]));
+    }
+
+    #[test]
+    fn every_batch_survives_the_collectors_decoder() {
+        for batch in generate(3, 5_000, 100, 100) {
+            let decoded = wire::decode(&wire::encode(&batch), &wire::Limits::default());
+            assert_eq!(decoded.as_ref(), Ok(&batch));
+        }
+    }
+
+    #[test]
+    fn journeys_mix_browsing_commerce_identity_and_email() {
+        let events: Vec<wire::Event> = generate(4, 20_000, 200, 20)
+            .into_iter()
+            .flat_map(|b| b.events)
+            .collect();
+        let kinds: HashSet<EventKind> = events.iter().map(|e| e.kind).collect();
+        for kind in [
+            EventKind::Page,
+            EventKind::Track,
+            EventKind::Identify,
+            EventKind::ProductViewed,
+            EventKind::CartAdd,
+            EventKind::CartRemove,
+            EventKind::CheckoutStarted,
+            EventKind::OrderCompleted,
+            EventKind::EmailOpened,
+            EventKind::EmailClicked,
+        ] {
+            assert!(kinds.contains(&kind), "no {kind:?} in 20000 events");
+        }
+        for order in events
+            .iter()
+            .filter(|e| e.kind == EventKind::OrderCompleted)
+        {
+            let total: i64 = order
+                .items
+                .iter()
+                .map(|i| i.price * i64::from(i.quantity))
+                .sum();
+            assert!(!order.items.is_empty());
+            assert_eq!(order.revenue, total);
+            assert!(order.order_id.is_some());
+        }
+        for view in events.iter().filter(|e| e.kind == EventKind::ProductViewed) {
+            assert!(view.items[0].category.is_some());
+        }
+    }
+}

@@ -1,0 +1,285 @@
+//! Collector configuration: a TOML file plus `INGEST_*` environment overrides.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Format, Serialized, Toml};
+use profile_cache::ProfileConfig;
+use serde::{Deserialize, Serialize};
+
+/// The demo write key; accepted only on a loopback address.
+pub const DEMO_WRITE_KEY: &str = "demo";
+/// The demo API token; accepted only on a loopback address.
+pub const DEMO_API_TOKEN: &str = "demo-secret";
+
+/// Everything the collector needs to run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address to listen on. Default `127.0.0.1:8080`.
+    pub listen: SocketAddr,
+    /// Redis URL. Default `redis://127.0.0.1:6379`.
+    pub redis_url: String,
+    /// Path that accepts FlatBuffers batches. Default `/v1/fb`.
+    pub batch_path: String,
+    /// Demo mode: adds the demo write key and API token (loopback only). Default false.
+    pub demo: bool,
+    /// Directory served at `/` (the demo shop), if any.
+    pub www_dir: Option<PathBuf>,
+    /// How long in-flight requests may take to finish after SIGINT/SIGTERM. Default 10 s.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    /// What `Retry-After` tells clients when Redis is unavailable. Default 1 s.
+    #[serde(with = "humantime_serde")]
+    pub retry_after: Duration,
+    /// Bearer tokens allowed to read profiles.
+    pub api_tokens: Vec<String>,
+    /// Sites allowed to send events.
+    pub write_keys: Vec<WriteKey>,
+    /// Batch limits.
+    pub limits: LimitsConfig,
+    /// How profiles are kept in Redis.
+    pub profiles: ProfileConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            redis_url: "redis://127.0.0.1:6379".into(),
+            batch_path: "/v1/fb".into(),
+            demo: false,
+            www_dir: None,
+            shutdown_timeout: Duration::from_secs(10),
+            retry_after: Duration::from_secs(1),
+            api_tokens: Vec::new(),
+            write_keys: Vec::new(),
+            limits: LimitsConfig::default(),
+            profiles: ProfileConfig::default(),
+        }
+    }
+}
+
+/// A site's write key and the browser origins allowed to use it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WriteKey {
+    /// The key sent inside each batch.
+    pub key: String,
+    /// Allowed `Origin` values, e.g. `https://shop.example`; `*` allows any. Requests without
+    /// an `Origin` header (servers, curl) are not browser requests and are not checked.
+    #[serde(default)]
+    pub origins: Vec<String>,
+}
+
+/// Batch limits (defaults: the `wire` constants).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Body size, bytes.
+    pub max_body_bytes: usize,
+    /// Events per batch.
+    pub max_events: usize,
+    /// Any string but URLs, bytes.
+    pub max_string_bytes: usize,
+    /// Page URL and referrer, bytes.
+    pub max_url_bytes: usize,
+    /// Properties (traits) per event.
+    pub max_properties: usize,
+    /// Items per event.
+    pub max_items: usize,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        let l = wire::Limits::default();
+        Self {
+            max_body_bytes: l.max_bytes,
+            max_events: l.max_events,
+            max_string_bytes: l.max_string_bytes,
+            max_url_bytes: l.max_url_bytes,
+            max_properties: l.max_properties,
+            max_items: l.max_items,
+        }
+    }
+}
+
+impl LimitsConfig {
+    /// The decoder's limits.
+    pub fn wire(&self) -> wire::Limits {
+        wire::Limits {
+            max_bytes: self.max_body_bytes,
+            max_events: self.max_events,
+            max_string_bytes: self.max_string_bytes,
+            max_url_bytes: self.max_url_bytes,
+            max_properties: self.max_properties,
+            max_items: self.max_items,
+            ..wire::Limits::default()
+        }
+    }
+}
+
+/// Why a configuration cannot run.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file or an environment variable does not parse.
+    #[error("{0}")]
+    Parse(#[from] Box<figment::Error>),
+    /// A value parses but makes no sense.
+    #[error("{field}: {problem}")]
+    Invalid {
+        /// The setting, e.g. `write_keys[0].origins[1]`.
+        field: String,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+impl Config {
+    /// Reads `path` (if given) and then `INGEST_*` variables from `env` (nested settings use
+    /// `__`, e.g. `INGEST_PROFILES__DEDUPE_WINDOW=1d`), applies demo mode, and validates.
+    ///
+    /// # Errors
+    /// A parse error naming the key and its source, or [`ConfigError::Invalid`].
+    pub fn load(path: Option<&Path>, env: &[(String, String)]) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = path {
+            if !path.exists() {
+                return Err(invalid(
+                    "config",
+                    format!("file {} does not exist", path.display()),
+                ));
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        // The caller passes the environment in (rather than figment reading the process's) so
+        // tests need no global state.
+        let vars: Vec<(String, String)> = env
+            .iter()
+            .filter(|(k, _)| k.starts_with("INGEST_") && k != "INGEST_CONFIG")
+            .cloned()
+            .collect();
+        for (k, v) in &vars {
+            let key = k["INGEST_".len()..].to_ascii_lowercase().replace("__", ".");
+            figment = figment.merge(Serialized::default(&key, parse_env_value(v)));
+        }
+        let mut config: Config = figment.extract().map_err(Box::new)?;
+        config.apply_demo();
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn apply_demo(&mut self) {
+        if !self.demo {
+            return;
+        }
+        if !self.write_keys.iter().any(|k| k.key == DEMO_WRITE_KEY) {
+            let port = self.listen.port();
+            self.write_keys.push(WriteKey {
+                key: DEMO_WRITE_KEY.into(),
+                origins: vec![
+                    format!("http://127.0.0.1:{port}"),
+                    format!("http://localhost:{port}"),
+                ],
+            });
+        }
+        if !self.api_tokens.iter().any(|t| t == DEMO_API_TOKEN) {
+            self.api_tokens.push(DEMO_API_TOKEN.into());
+        }
+    }
+
+    /// Checks what types cannot: demo credentials only on loopback, well-formed origins,
+    /// unique non-empty keys, a batch path under `/`.
+    ///
+    /// # Errors
+    /// [`ConfigError::Invalid`] naming the setting.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let demo_credentials = self.write_keys.iter().any(|k| k.key == DEMO_WRITE_KEY)
+            || self.api_tokens.iter().any(|t| t == DEMO_API_TOKEN);
+        if demo_credentials && !self.listen.ip().is_loopback() {
+            return Err(invalid(
+                "listen",
+                format!(
+                    "{} is not a loopback address; the demo credentials (write key \"{DEMO_WRITE_KEY}\", token \"{DEMO_API_TOKEN}\") are refused there",
+                    self.listen
+                ),
+            ));
+        }
+        if !self.batch_path.starts_with('/') || self.batch_path == "/" {
+            return Err(invalid("batch_path", "must be a path such as /v1/fb"));
+        }
+        for (i, k) in self.write_keys.iter().enumerate() {
+            if k.key.is_empty() {
+                return Err(invalid(format!("write_keys[{i}].key"), "is empty"));
+            }
+            if self.write_keys[..i].iter().any(|o| o.key == k.key) {
+                return Err(invalid(format!("write_keys[{i}].key"), "is listed twice"));
+            }
+            for (j, o) in k.origins.iter().enumerate() {
+                if o != "*" && !is_origin(o) {
+                    return Err(invalid(
+                        format!("write_keys[{i}].origins[{j}]"),
+                        format!("{o:?} is not an origin like https://shop.example or *"),
+                    ));
+                }
+            }
+        }
+        for (i, t) in self.api_tokens.iter().enumerate() {
+            if t.len() < 8 {
+                return Err(invalid(
+                    format!("api_tokens[{i}]"),
+                    "is shorter than 8 characters",
+                ));
+            }
+        }
+        if self.limits.max_body_bytes == 0 || self.limits.max_events == 0 {
+            return Err(invalid(
+                "limits",
+                "max_body_bytes and max_events must be positive",
+            ));
+        }
+        self.profiles
+            .validate()
+            .map_err(|e| invalid("profiles", e.to_string()))?;
+        Ok(())
+    }
+}
+
+/// Environment values are TOML-ish: numbers, booleans and `[a, b]` arrays parse as such,
+/// anything else is a string.
+fn parse_env_value(v: &str) -> figment::value::Value {
+    use figment::value::Value;
+    let trimmed = v.trim();
+    match toml_value(trimmed) {
+        Some(value) => value,
+        None => Value::from(v.to_string()),
+    }
+}
+
+fn toml_value(s: &str) -> Option<figment::value::Value> {
+    #[derive(Deserialize)]
+    struct Wrap {
+        v: figment::value::Value,
+    }
+    let doc = format!("v = {s}");
+    Figment::from(Toml::string(&doc))
+        .extract::<Wrap>()
+        .ok()
+        .map(|w| w.v)
+}
+
+fn is_origin(o: &str) -> bool {
+    let Some((scheme, rest)) = o.split_once("://") else {
+        return false;
+    };
+    matches!(scheme, "http" | "https") && !rest.is_empty() && !rest.contains('/')
+}
+
+fn invalid(field: impl Into<String>, problem: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        problem: problem.into(),
+    }
+}

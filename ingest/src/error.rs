@@ -1,0 +1,125 @@
+//! One error type for every HTTP answer that is not a success, and its JSON shape:
+//! `{"error": "<code>", "message": "<what is wrong>", "field"?: "...", "limit"?: n}`.
+//! Internal causes are logged, never sent.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+/// Why a request failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The body is larger than the configured limit.
+    #[error("body is larger than {limit} bytes")]
+    BodyTooLarge {
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// The body could not be read (client went away, bad chunking).
+    #[error("could not read the body: {0}")]
+    BadBody(String),
+    /// The batch does not decode, or breaks a limit.
+    #[error("{0}")]
+    MalformedBatch(#[from] wire::DecodeError),
+    /// The batch has no usable identity.
+    #[error("{field}: {problem}")]
+    BadIdentity {
+        /// The field, e.g. `context.anonymous_id`.
+        field: &'static str,
+        /// What is wrong.
+        problem: String,
+    },
+    /// The write key is not configured.
+    #[error("unknown write key")]
+    UnknownWriteKey,
+    /// A browser sent a batch from an origin the write key does not allow.
+    #[error("origin {0:?} is not allowed for this write key")]
+    OriginNotAllowed(String),
+    /// No `Authorization: Bearer` header.
+    #[error("missing bearer token")]
+    MissingToken,
+    /// A bearer token that is not configured.
+    #[error("invalid bearer token")]
+    InvalidToken,
+    /// The profile does not exist.
+    #[error("no profile with this id")]
+    NotFound,
+    /// Redis cannot be reached now; the client should retry.
+    #[error("storage unavailable, retry later")]
+    Unavailable {
+        /// What to put in `Retry-After`.
+        retry_after: Duration,
+    },
+    /// Anything else; details are logged.
+    #[error("internal error")]
+    Internal,
+}
+
+impl ApiError {
+    fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::BadBody(_) | ApiError::MalformedBatch(_) | ApiError::BadIdentity { .. } => {
+                StatusCode::BAD_REQUEST
+            }
+            ApiError::UnknownWriteKey | ApiError::MissingToken => StatusCode::UNAUTHORIZED,
+            ApiError::OriginNotAllowed(_) | ApiError::InvalidToken => StatusCode::FORBIDDEN,
+            ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn code(&self) -> &'static str {
+        match self {
+            ApiError::BodyTooLarge { .. } => "body_too_large",
+            ApiError::BadBody(_) => "bad_body",
+            ApiError::MalformedBatch(_) => "malformed_batch",
+            ApiError::BadIdentity { .. } => "bad_identity",
+            ApiError::UnknownWriteKey => "unknown_write_key",
+            ApiError::OriginNotAllowed(_) => "origin_not_allowed",
+            ApiError::MissingToken => "missing_token",
+            ApiError::InvalidToken => "invalid_token",
+            ApiError::NotFound => "not_found",
+            ApiError::Unavailable { .. } => "unavailable",
+            ApiError::Internal => "internal",
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = json!({ "error": self.code(), "message": self.to_string() });
+        match &self {
+            ApiError::BodyTooLarge { limit } => body["limit"] = json!(limit),
+            ApiError::BadIdentity { field, .. } => body["field"] = json!(field),
+            ApiError::MalformedBatch(e) => match e {
+                wire::DecodeError::TooLarge { limit, .. } => body["limit"] = json!(limit),
+                wire::DecodeError::TooMany { field, limit, .. }
+                | wire::DecodeError::TooLong { field, limit, .. } => {
+                    body["field"] = json!(field);
+                    body["limit"] = json!(limit);
+                }
+                wire::DecodeError::Invalid { field, .. } => body["field"] = json!(field),
+                wire::DecodeError::NotABatch | wire::DecodeError::Malformed(_) => {}
+            },
+            _ => {}
+        }
+        let mut response = (self.status(), Json(body)).into_response();
+        if let ApiError::Unavailable { retry_after } = self {
+            let secs = retry_after.as_secs().max(1);
+            if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+                response.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+        }
+        if let ApiError::MissingToken = self {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}

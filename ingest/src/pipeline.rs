@@ -1,0 +1,242 @@
+//! From a verified wire batch to profile updates: consent filter, enrichment (received-at,
+//! clock-skew correction) and grouping by profile. Pure functions, no I/O.
+
+use profile_cache::model::check_id;
+use profile_cache::{
+    ConsentChange, ConsentMask, Context, Event, EventKind, Item, ProfileId, ProfileUpdate, Purpose,
+    Value,
+};
+use serde::Serialize;
+use time::{Duration, OffsetDateTime};
+
+/// An event the collector did not accept, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Rejected {
+    /// The event's index in the batch.
+    pub index: usize,
+    /// Why, e.g. `consent: analytics not granted`.
+    pub reason: String,
+}
+
+/// A batch turned into profile updates.
+#[derive(Debug, Default)]
+pub struct Prepared {
+    /// One update per profile, events in batch order.
+    pub updates: Vec<ProfileUpdate>,
+    /// Events left out, in batch order.
+    pub rejected: Vec<Rejected>,
+    /// How many of `rejected` lacked consent.
+    pub consent_dropped: usize,
+}
+
+/// The least purpose each kind needs, whatever the event declares: a tracker cannot send
+/// page views as `necessary` to get around consent.
+pub fn kind_purpose(kind: EventKind) -> Purpose {
+    match kind {
+        EventKind::ConsentChange => Purpose::Necessary,
+        EventKind::EmailOpened | EventKind::EmailClicked => Purpose::Marketing,
+        EventKind::Page
+        | EventKind::Track
+        | EventKind::Identify
+        | EventKind::Alias
+        | EventKind::ProductViewed
+        | EventKind::CartAdd
+        | EventKind::CartRemove
+        | EventKind::CheckoutStarted
+        | EventKind::OrderCompleted => Purpose::Analytics,
+    }
+}
+
+/// Why a batch as a whole cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityError {
+    /// The field.
+    pub field: &'static str,
+    /// What is wrong.
+    pub problem: String,
+}
+
+/// Filters, enriches and groups the events of `batch`, received at `received_at`.
+///
+/// Timestamps are corrected for the client's clock as Segment does:
+/// `timestamp = received_at - (sent_at - client_timestamp)`, and never later than
+/// `received_at`. An event without a client timestamp gets `received_at`.
+///
+/// # Errors
+/// The batch has neither a valid anonymous id nor a valid user id.
+pub fn prepare(batch: wire::Batch, received_at: OffsetDateTime) -> Result<Prepared, IdentityError> {
+    let ctx = batch.context;
+    let anonymous_id = valid_id("context.anonymous_id", ctx.anonymous_id)?;
+    let user_id = valid_id("context.user_id", ctx.user_id)?;
+    if anonymous_id.is_none() && user_id.is_none() {
+        return Err(IdentityError {
+            field: "context.anonymous_id",
+            problem: "a batch needs an anonymous id or a user id".into(),
+        });
+    }
+    let context = Context {
+        page_url: ctx.page_url,
+        referrer: ctx.referrer,
+        utm_source: ctx.utm_source,
+        utm_medium: ctx.utm_medium,
+        utm_campaign: ctx.utm_campaign,
+        utm_term: ctx.utm_term,
+        utm_content: ctx.utm_content,
+        locale: ctx.locale,
+        timezone: ctx.timezone,
+        screen: (ctx.screen_width > 0 && ctx.screen_height > 0)
+            .then_some((ctx.screen_width, ctx.screen_height)),
+        session_id: ctx.session_id,
+    };
+    let mask = ConsentMask(batch.consent);
+    let mut prepared = Prepared::default();
+    for (index, e) in batch.events.into_iter().enumerate() {
+        let reject = |reason: String| Rejected { index, reason };
+        let kind = kind(e.kind);
+        let purpose = purpose(e.purpose);
+        if let Some(missing) = [purpose, kind_purpose(kind)]
+            .into_iter()
+            .find(|p| !mask.allows(*p))
+        {
+            prepared.consent_dropped += 1;
+            prepared
+                .rejected
+                .push(reject(format!("consent: {missing} not granted")));
+            continue;
+        }
+        // Identify and alias name the user they are about; everything else belongs to the
+        // batch's user, or to the anonymous visitor.
+        let event_user = match kind {
+            EventKind::Identify | EventKind::Alias => e.user_id.clone(),
+            _ => None,
+        };
+        let owner = match event_user.as_deref().or(user_id.as_deref()) {
+            Some(u) => ProfileId::user(u).map(|p| (p, Some(u.to_string()))),
+            None => anonymous_id
+                .as_deref()
+                .map_or(Err(profile_cache::IdError::Empty), |a| {
+                    Ok((ProfileId::anonymous(a)?, None))
+                }),
+        };
+        let (profile, profile_user) = match owner {
+            Ok(owner) => owner,
+            Err(err) => {
+                prepared.rejected.push(reject(format!("user_id: {err}")));
+                continue;
+            }
+        };
+        if let Some(item) = e.items.iter().find(|i| check_id(&i.product_id).is_err()) {
+            let err = check_id(&item.product_id)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            prepared.rejected.push(reject(format!("product_id: {err}")));
+            continue;
+        }
+        let event = Event {
+            message_id: uuid::Uuid::from_bytes(e.message_id),
+            kind,
+            name: e.name,
+            timestamp: corrected(e.timestamp_ms, batch.sent_at_ms, received_at),
+            received_at,
+            properties: e
+                .properties
+                .into_iter()
+                .map(|p| (p.key, value(p.value)))
+                .collect(),
+            items: e
+                .items
+                .into_iter()
+                .map(|i| Item {
+                    product_id: i.product_id,
+                    category: i.category,
+                    price: i.price,
+                    quantity: i.quantity,
+                    name: i.name,
+                })
+                .collect(),
+            user_id: e.user_id,
+            previous_id: e.previous_id,
+            order_id: e.order_id,
+            revenue: e.revenue,
+            currency: e.currency,
+            consent: (kind == EventKind::ConsentChange).then_some(ConsentChange {
+                granted: ConsentMask(e.consent_granted),
+                denied: ConsentMask(e.consent_denied & !e.consent_granted),
+            }),
+            purpose,
+        };
+        match prepared.updates.iter_mut().find(|u| u.profile == profile) {
+            Some(update) => update.events.push(event),
+            None => prepared.updates.push(ProfileUpdate {
+                profile,
+                anonymous_id: anonymous_id.clone(),
+                user_id: profile_user,
+                context: context.clone(),
+                events: vec![event],
+            }),
+        }
+    }
+    Ok(prepared)
+}
+
+fn valid_id(field: &'static str, id: Option<String>) -> Result<Option<String>, IdentityError> {
+    match id {
+        None => Ok(None),
+        Some(id) if id.is_empty() => Ok(None),
+        Some(id) => match check_id(&id) {
+            Ok(()) => Ok(Some(id)),
+            Err(e) => Err(IdentityError {
+                field,
+                problem: e.to_string(),
+            }),
+        },
+    }
+}
+
+fn corrected(client_ms: i64, sent_at_ms: i64, received_at: OffsetDateTime) -> OffsetDateTime {
+    if client_ms <= 0 || sent_at_ms <= 0 {
+        return received_at;
+    }
+    // Saturating: hostile values must not overflow; the clamp below bounds the result.
+    let offset = Duration::milliseconds(sent_at_ms.saturating_sub(client_ms));
+    received_at
+        .checked_sub(offset)
+        .map_or(received_at, |t| t.min(received_at))
+        .max(OffsetDateTime::UNIX_EPOCH)
+}
+
+fn kind(k: wire::EventKind) -> EventKind {
+    match k {
+        wire::EventKind::Page => EventKind::Page,
+        wire::EventKind::Track => EventKind::Track,
+        wire::EventKind::Identify => EventKind::Identify,
+        wire::EventKind::Alias => EventKind::Alias,
+        wire::EventKind::ConsentChange => EventKind::ConsentChange,
+        wire::EventKind::ProductViewed => EventKind::ProductViewed,
+        wire::EventKind::CartAdd => EventKind::CartAdd,
+        wire::EventKind::CartRemove => EventKind::CartRemove,
+        wire::EventKind::CheckoutStarted => EventKind::CheckoutStarted,
+        wire::EventKind::OrderCompleted => EventKind::OrderCompleted,
+        wire::EventKind::EmailOpened => EventKind::EmailOpened,
+        wire::EventKind::EmailClicked => EventKind::EmailClicked,
+    }
+}
+
+fn purpose(p: wire::Purpose) -> Purpose {
+    match p {
+        wire::Purpose::Necessary => Purpose::Necessary,
+        wire::Purpose::Analytics => Purpose::Analytics,
+        wire::Purpose::Personalization => Purpose::Personalization,
+        wire::Purpose::Marketing => Purpose::Marketing,
+    }
+}
+
+fn value(v: wire::Value) -> Value {
+    match v {
+        wire::Value::String(s) => Value::String(s),
+        wire::Value::Int(i) => Value::Int(i),
+        wire::Value::Float(f) => Value::Float(f),
+        wire::Value::Bool(b) => Value::Bool(b),
+    }
+}

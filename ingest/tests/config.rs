@@ -1,0 +1,117 @@
+//! Configuration: file + environment, demo mode, and errors that name the setting.
+
+use std::io::Write;
+use std::time::Duration;
+
+use ingest::Config;
+use ingest::config::ConfigError;
+
+fn file(text: &str) -> tempfile::NamedTempFile {
+    let mut f = tempfile::NamedTempFile::new().unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+    f
+}
+
+fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[test]
+fn file_values_and_env_overrides_combine() {
+    let f = file(
+        r#"
+listen = "127.0.0.1:9000"
+redis_url = "redis://127.0.0.1:7000"
+api_tokens = ["reader-token-1"]
+[[write_keys]]
+key = "shop"
+origins = ["https://shop.example"]
+[profiles]
+dedupe_window = "2d"
+"#,
+    );
+    let config = Config::load(
+        Some(f.path()),
+        &env(&[
+            ("INGEST_REDIS_URL", "redis://127.0.0.1:7001"),
+            ("INGEST_PROFILES__DEDUPE_WINDOW", "3d"),
+            ("INGEST_LIMITS__MAX_EVENTS", "50"),
+            ("UNRELATED", "x"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(config.listen.port(), 9000);
+    assert_eq!(config.redis_url, "redis://127.0.0.1:7001");
+    assert_eq!(
+        config.profiles.dedupe_window,
+        Duration::from_secs(3 * 86_400)
+    );
+    assert_eq!(config.limits.max_events, 50);
+    assert_eq!(config.write_keys[0].origins, ["https://shop.example"]);
+}
+
+#[test]
+fn demo_mode_adds_credentials_for_loopback_only() {
+    let config = Config::load(None, &env(&[("INGEST_DEMO", "true")])).unwrap();
+    assert_eq!(config.write_keys[0].key, "demo");
+    assert_eq!(
+        config.write_keys[0].origins,
+        ["http://127.0.0.1:8080", "http://localhost:8080"]
+    );
+    assert_eq!(config.api_tokens, ["demo-secret"]);
+
+    let err = Config::load(
+        None,
+        &env(&[("INGEST_DEMO", "true"), ("INGEST_LISTEN", "0.0.0.0:8080")]),
+    )
+    .unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("listen: 0.0.0.0:8080 is not a loopback address"),
+        "{err}"
+    );
+    // The demo token is refused off loopback even without demo mode.
+    let f = file("listen = \"0.0.0.0:80\"\napi_tokens = [\"demo-secret\"]\n");
+    assert!(matches!(
+        Config::load(Some(f.path()), &[]),
+        Err(ConfigError::Invalid { field, .. }) if field == "listen"
+    ));
+}
+
+#[test]
+fn errors_name_the_setting() {
+    let f = file("[[write_keys]]\nkey = \"shop\"\norigins = [\"shop.example\"]\n");
+    let err = Config::load(Some(f.path()), &[]).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "write_keys[0].origins[0]: \"shop.example\" is not an origin like https://shop.example or *"
+    );
+
+    let f = file("lisen = \"127.0.0.1:1\"\n");
+    let err = Config::load(Some(f.path()), &[]).unwrap_err().to_string();
+    assert!(err.contains("lisen"), "{err}");
+
+    let err = Config::load(None, &env(&[("INGEST_LISTEN", "not-an-address")]))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("listen"), "{err}");
+
+    let f = file("[profiles]\ndedupe_window = \"soon\"\n");
+    let err = Config::load(Some(f.path()), &[]).unwrap_err().to_string();
+    assert!(err.contains("dedupe_window"), "{err}");
+
+    let missing = std::path::Path::new("/nonexistent/ingest.toml");
+    let err = Config::load(Some(missing), &[]).unwrap_err().to_string();
+    assert_eq!(err, "config: file /nonexistent/ingest.toml does not exist");
+}
+
+#[test]
+fn the_shipped_demo_config_is_valid() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/demo.toml");
+    let config = Config::load(Some(std::path::Path::new(path)), &[]).unwrap();
+    assert!(config.demo);
+    assert_eq!(config.listen.to_string(), "127.0.0.1:8080");
+}

@@ -1,0 +1,27 @@
+//! profile-cache: the Redis model of customer profiles.
+//!
+//! The collector hands it [`ProfileUpdate`]s (the events of one batch for one profile); it
+//! applies each atomically and idempotently in one Redis round trip, appends the events to a
+//! capped stream, and reads profiles back for the API and for ESP connectors. It knows
+//! nothing of HTTP or FlatBuffers.
+//!
+//! - [`model`]: domain types (events, consent, profile ids, profiles).
+//! - [`keys`]: the Redis key schema, a public contract for connectors that read Redis.
+//! - [`store`]: [`RedisProfiles`], applying updates and reading profiles, and its config.
+//! - [`lifecycle`]: lifecycle stage thresholds and the stage of a profile at a time.
+//! - `testing` (feature `testing`): throwaway `redis-server` processes for tests and tools.
+
+pub mod keys;
+pub mod lifecycle;
+pub mod model;
+pub mod store;
+#[cfg(feature = "testing")]
+pub mod testing;
+
+pub use lifecycle::LifecycleThresholds;
+pub use model::{
+    ApplyReport, CartLine, ConsentChange, ConsentMask, ConsentState, ConsentStatus, Context, Event,
+    EventKind, IdError, Item, Lifecycle, Profile, ProfileId, ProfileUpdate, Purpose, Value,
+    ViewedProduct,
+};
+pub use store::{ProfileConfig, RedisProfiles, StoreError};

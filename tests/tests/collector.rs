@@ -1,0 +1,337 @@
+//! End-to-end: the real collector binary and a private redis-server. Batches are built with
+//! `wire`, profiles read back over HTTP, and bad inputs get their documented answers while
+//! the server keeps serving.
+
+mod support;
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use reqwest::blocking::{Client, Response};
+use serde_json::{Value, json};
+use support::{Ingest, ORIGIN, RedisServer, TOKEN, WRITE_KEY};
+
+fn client() -> Client {
+    Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
+fn id(n: u32) -> [u8; 16] {
+    *uuid::Uuid::from_u128(0xabcd_0000_0000 + u128::from(n)).as_bytes()
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+fn item(product: &str, category: &str, price: i64, quantity: u32) -> wire::Item {
+    wire::Item {
+        product_id: product.into(),
+        category: Some(category.into()),
+        price,
+        quantity,
+        name: None,
+    }
+}
+
+fn ev(n: u32, kind: wire::EventKind) -> wire::Event {
+    wire::Event {
+        message_id: id(n),
+        timestamp_ms: now_ms(),
+        kind,
+        purpose: wire::Purpose::Analytics,
+        ..Default::default()
+    }
+}
+
+fn batch(anon: &str, events: Vec<wire::Event>) -> wire::Batch {
+    wire::Batch {
+        write_key: WRITE_KEY.into(),
+        sent_at_ms: now_ms(),
+        consent: 0b1111,
+        context: wire::Context {
+            anonymous_id: Some(anon.into()),
+            session_id: Some(format!("{anon}-s1")),
+            page_url: Some("https://shop.example/".into()),
+            ..Default::default()
+        },
+        events,
+    }
+}
+
+fn post(ingest: &Ingest, body: Vec<u8>) -> Response {
+    client()
+        .post(ingest.url("/v1/fb"))
+        .body(body)
+        .send()
+        .expect("post batch")
+}
+
+fn json(res: Response) -> (StatusCode, Value) {
+    let status = res.status();
+    (status, res.json().unwrap_or(Value::Null))
+}
+
+fn profile(ingest: &Ingest, id: &str) -> (StatusCode, Value) {
+    json(
+        client()
+            .get(ingest.url(&format!("/v1/profiles/{id}")))
+            .bearer_auth(TOKEN)
+            .send()
+            .unwrap(),
+    )
+}
+
+fn shopping_session(anon: &str) -> Vec<wire::Event> {
+    let mut view = ev(2, wire::EventKind::ProductViewed);
+    view.items = vec![item("sku-1", "shoes", 5_000, 1)];
+    let mut view2 = ev(3, wire::EventKind::ProductViewed);
+    view2.items = vec![item("sku-2", "hats", 2_000, 1)];
+    let mut add = ev(4, wire::EventKind::CartAdd);
+    add.items = vec![item("sku-1", "shoes", 5_000, 2)];
+    let mut add2 = ev(5, wire::EventKind::CartAdd);
+    add2.items = vec![item("sku-2", "hats", 2_000, 1)];
+    let mut order = ev(6, wire::EventKind::OrderCompleted);
+    order.order_id = Some(format!("{anon}-o1"));
+    order.revenue = 10_000;
+    order.currency = Some("EUR".into());
+    order.items = vec![item("sku-1", "shoes", 5_000, 2)];
+    let mut signup = ev(7, wire::EventKind::Track);
+    signup.name = Some("Newsletter Signup".into());
+    vec![
+        ev(1, wire::EventKind::Page),
+        view,
+        view2,
+        add,
+        add2,
+        order,
+        signup,
+    ]
+}
+
+#[test]
+fn batches_become_exact_profiles_and_retries_count_once() {
+    let redis = RedisServer::start().unwrap();
+    let ingest = Ingest::start(&redis.url());
+    let bytes = wire::encode(&batch("visitor-1", shopping_session("visitor-1")));
+
+    let (status, body) = json(post(&ingest, bytes.clone()));
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body, json!({"accepted": 7, "rejected": []}));
+    // The tracker retries after a lost response: accepted again, counted once.
+    let (status, body) = json(post(&ingest, bytes));
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["accepted"], 7);
+
+    let (status, p) = profile(&ingest, "visitor-1");
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(p["id"], "a:visitor-1");
+    assert_eq!(p["events"], 7);
+    assert_eq!(p["page_views"], 1);
+    assert_eq!(p["sessions"], 1);
+    assert_eq!(p["orders"], 1);
+    assert_eq!(p["revenue"], 10_000);
+    assert_eq!(p["event_counts"]["product_viewed"], 2);
+    assert_eq!(p["event_counts"]["Newsletter Signup"], 1);
+    assert_eq!(p["recently_viewed"][0]["product_id"], "sku-2");
+    assert_eq!(p["recently_viewed"][1]["product_id"], "sku-1");
+    assert_eq!(p["categories_bought"], json!([["shoes", 2]]));
+    // The order emptied the cart.
+    assert_eq!(p["cart"], json!([]));
+    assert_eq!(p["lifecycle"], "new");
+    assert_eq!(p["anonymous_ids"], json!(["visitor-1"]));
+}
+
+#[test]
+fn identified_user_is_readable_by_user_id() {
+    let redis = RedisServer::start().unwrap();
+    let ingest = Ingest::start(&redis.url());
+    let mut identify = ev(1, wire::EventKind::Identify);
+    identify.user_id = Some("user-7".into());
+    identify.properties = vec![
+        wire::Property {
+            key: "email".into(),
+            value: wire::Value::String("ada@example.com".into()),
+        },
+        wire::Property {
+            key: "vip".into(),
+            value: wire::Value::Bool(true),
+        },
+    ];
+    let (status, _) = json(post(
+        &ingest,
+        wire::encode(&batch("visitor-2", vec![identify])),
+    ));
+    assert_eq!(status, StatusCode::OK);
+    let (status, p) = profile(&ingest, "user-7");
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(p["id"], "u:user-7");
+    assert_eq!(p["user_id"], "user-7");
+    assert_eq!(
+        p["traits"],
+        json!({"email": "ada@example.com", "vip": "true"})
+    );
+    assert_eq!(p["anonymous_ids"], json!(["visitor-2"]));
+}
+
+#[test]
+fn events_without_consent_are_reported_and_not_stored() {
+    let redis = RedisServer::start().unwrap();
+    let ingest = Ingest::start(&redis.url());
+    let mut b = batch(
+        "visitor-3",
+        vec![ev(1, wire::EventKind::Page), ev(2, wire::EventKind::Page)],
+    );
+    b.consent = 0b0001; // necessary only
+    let mut consent = ev(3, wire::EventKind::ConsentChange);
+    consent.purpose = wire::Purpose::Necessary;
+    consent.consent_denied = 0b1110;
+    b.events.push(consent);
+    let (status, body) = json(post(&ingest, wire::encode(&b)));
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        body,
+        json!({"accepted": 1, "rejected": [
+            {"index": 0, "reason": "consent: analytics not granted"},
+            {"index": 1, "reason": "consent: analytics not granted"},
+        ]})
+    );
+    let (_, p) = profile(&ingest, "visitor-3");
+    assert_eq!(p["page_views"], 0);
+    assert_eq!(p["events"], 1);
+    assert_eq!(p["consent"]["marketing"]["status"], "denied");
+}
+
+#[test]
+fn bad_inputs_get_documented_answers_and_the_server_keeps_serving() {
+    let redis = RedisServer::start().unwrap();
+    let ingest = Ingest::start(&redis.url());
+    let good = wire::encode(&batch("visitor-4", vec![ev(1, wire::EventKind::Page)]));
+
+    let (status, body) = json(post(&ingest, b"\x00\x01garbage\xff".repeat(10)));
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["error"], "malformed_batch");
+
+    let (status, body) = json(post(&ingest, good[..good.len() / 2].to_vec()));
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(body["error"], "malformed_batch");
+
+    let (status, body) = json(post(&ingest, vec![b'x'; 600 * 1024]));
+    assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(body["limit"], 512 * 1024);
+
+    let mut unknown = batch("visitor-4", vec![ev(1, wire::EventKind::Page)]);
+    unknown.write_key = "not-a-key".into();
+    let (status, body) = json(post(&ingest, wire::encode(&unknown)));
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(body["error"], "unknown_write_key");
+
+    let res = client()
+        .post(ingest.url("/v1/fb"))
+        .header("Origin", "https://evil.example")
+        .body(good.clone())
+        .send()
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::FORBIDDEN);
+
+    let res = client()
+        .get(ingest.url("/v1/profiles/visitor-4"))
+        .send()
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    let res = client()
+        .get(ingest.url("/v1/profiles/visitor-4"))
+        .bearer_auth("wrong-token")
+        .send()
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::FORBIDDEN);
+
+    // Still serving, and nothing above was applied.
+    let res = client()
+        .post(ingest.url("/v1/fb"))
+        .header("Origin", ORIGIN)
+        .header("Content-Type", "text/plain")
+        .body(good)
+        .send()
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(
+        res.headers()["access-control-allow-origin"],
+        ORIGIN,
+        "browsers need the CORS header to read the answer"
+    );
+    let (_, p) = profile(&ingest, "visitor-4");
+    assert_eq!(p["events"], 1);
+}
+
+#[test]
+fn redis_outage_is_503_with_retry_after_then_recovers() {
+    let redis = RedisServer::start().unwrap();
+    let ingest = Ingest::start(&redis.url());
+    let port = redis.port();
+    drop(redis);
+    let (status, body) = json(post(
+        &ingest,
+        wire::encode(&batch("visitor-5", vec![ev(1, wire::EventKind::Page)])),
+    ));
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["error"], "unavailable");
+    let res = client().get(ingest.url("/readyz")).send().unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let res = client()
+        .post(ingest.url("/v1/fb"))
+        .body(wire::encode(&batch(
+            "visitor-5",
+            vec![ev(1, wire::EventKind::Page)],
+        )))
+        .send()
+        .unwrap();
+    assert_eq!(res.headers()["retry-after"], "1");
+
+    // A new Redis on the same port: the collector reconnects and the retry lands once.
+    let dir = tempfile::tempdir().unwrap();
+    let _redis = RedisServer::start_with_dir(dir.path(), port).unwrap();
+    let bytes = wire::encode(&batch("visitor-5", vec![ev(1, wire::EventKind::Page)]));
+    let mut last = StatusCode::SERVICE_UNAVAILABLE;
+    for _ in 0..100 {
+        last = post(&ingest, bytes.clone()).status();
+        if last == StatusCode::OK {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(last, StatusCode::OK);
+    let (_, p) = profile(&ingest, "visitor-5");
+    assert_eq!(p["page_views"], 1);
+}
+
+#[test]
+fn sigterm_stops_the_collector_cleanly() {
+    let redis = RedisServer::start().unwrap();
+    let ingest = Ingest::start(&redis.url());
+    let url = ingest.url("/healthz");
+    let status = ingest.terminate();
+    assert!(status.success(), "exit status {status}");
+    assert!(client().get(url).send().is_err(), "no longer listening");
+}
+
+#[test]
+fn demo_credentials_are_refused_on_a_public_address() {
+    let out = std::process::Command::new(support::ingest_bin())
+        .env_remove("INGEST_CONFIG")
+        .env("INGEST_DEMO", "true")
+        .env("INGEST_LISTEN", "0.0.0.0:0")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("listen: 0.0.0.0:0 is not a loopback address"),
+        "{stderr}"
+    );
+}

@@ -1,0 +1,126 @@
+//! Starts the real `ingest` binary against a private redis-server and talks to it over HTTP.
+
+#![allow(dead_code)]
+
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub use profile_cache::testing::RedisServer;
+
+pub const WRITE_KEY: &str = "e2e-key";
+pub const TOKEN: &str = "e2e-reader-token";
+pub const ORIGIN: &str = "https://shop.example";
+
+/// The ingest binary: `INGEST_BIN` (set by `cargo xtask test`) or `target/debug/ingest`.
+pub fn ingest_bin() -> PathBuf {
+    let path = std::env::var_os("INGEST_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/debug/ingest")
+        });
+    assert!(
+        path.exists(),
+        "{} not found: run `cargo xtask test` (it builds the binary first) or `cargo build -p ingest`",
+        path.display()
+    );
+    path
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A running collector; killed on drop.
+pub struct Ingest {
+    child: Option<Child>,
+    pub port: u16,
+    _config: tempfile::NamedTempFile,
+}
+
+impl Ingest {
+    /// Starts the collector on a free port against `redis_url` and waits until it is ready.
+    pub fn start(redis_url: &str) -> Ingest {
+        Self::start_with(redis_url, "")
+    }
+
+    /// As [`Ingest::start`], with extra TOML appended to the config.
+    pub fn start_with(redis_url: &str, extra_toml: &str) -> Ingest {
+        let port = free_port();
+        let mut config = tempfile::NamedTempFile::new().unwrap();
+        write!(
+            config,
+            r#"
+listen = "127.0.0.1:{port}"
+redis_url = "{redis_url}"
+api_tokens = ["{TOKEN}"]
+shutdown_timeout = "5s"
+[[write_keys]]
+key = "{WRITE_KEY}"
+origins = ["{ORIGIN}"]
+{extra_toml}
+"#
+        )
+        .unwrap();
+        let child = Command::new(ingest_bin())
+            .arg("--config")
+            .arg(config.path())
+            .env_remove("INGEST_CONFIG")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("spawn ingest");
+        let ingest = Ingest {
+            child: Some(child),
+            port,
+            _config: config,
+        };
+        ingest.wait_ready();
+        ingest
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Ok(res) = reqwest::blocking::get(self.url("/readyz")) {
+                if res.status() == 200 {
+                    return;
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("ingest on port {} did not become ready", self.port);
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or_default()
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .expect("kill");
+        child.wait().expect("wait")
+    }
+}
+
+impl Drop for Ingest {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}

@@ -1,0 +1,76 @@
+//! `cargo xtask`: the project's tasks, in Rust so they run the same on every machine.
+//!
+//! - [`gen_wire`]: regenerate (or check) the FlatBuffers code checked in under `wire`.
+//! - [`demo`]: the collector and a private Redis, serving the demo shop until Ctrl-C.
+//! - [`test`]: every test suite, in order, with the binaries the end-to-end tests start.
+//! - [`bench`]: the collector under load, next to a raw Redis baseline.
+//! - [`workspace`], [`tools`], [`process`]: paths, required tools, child processes.
+
+use std::ffi::OsString;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod bench;
+mod demo;
+mod gen_wire;
+mod process;
+mod test;
+mod tools;
+mod workspace;
+
+/// Project tasks for the personalization pipeline.
+#[derive(Parser)]
+#[command(
+    name = "xtask",
+    bin_name = "cargo xtask",
+    about,
+    disable_version_flag = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Regenerate wire/src/generated from wire/schema/events.fbs with flatc 25.12.19.
+    GenWire {
+        /// Fail if the checked-in code differs from what flatc generates, change nothing.
+        #[arg(long)]
+        check: bool,
+    },
+    /// Run the collector and a private Redis at http://127.0.0.1:8080 until Ctrl-C.
+    ///
+    /// Redis data is kept under target/demo/redis. With REDIS_URL set, that Redis is used
+    /// instead and no redis-server is started.
+    Demo,
+    /// Build the binaries, then run every test suite (end-to-end ones included).
+    Test,
+    /// Measure the collector under load against a raw pipelined-Redis baseline.
+    ///
+    /// Arguments after `--` go to both loadgen runs, e.g.
+    /// `cargo xtask bench -- --events 50000 --concurrency 16`.
+    Bench {
+        /// Extra loadgen arguments (--events, --visitors, --batch, --concurrency, --seed).
+        #[arg(last = true)]
+        loadgen_args: Vec<OsString>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.task {
+        Task::GenWire { check } => gen_wire::run(check),
+        Task::Demo => demo::run(),
+        Task::Test => test::run(),
+        Task::Bench { loadgen_args } => bench::run(&loadgen_args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
