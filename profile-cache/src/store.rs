@@ -108,6 +108,12 @@ pub enum StoreError {
 
 impl From<RedisError> for StoreError {
     fn from(e: RedisError) -> Self {
+        // A pipeline or transaction reports its commands' errors together; the first one
+        // says what went wrong.
+        let e = match e.clone().into_server_errors() {
+            Some(errors) if !errors.is_empty() => RedisError::from(errors[0].1.clone()),
+            _ => e,
+        };
         let unavailable = e.is_io_error()
             || e.is_timeout()
             || e.is_connection_refusal()
@@ -340,7 +346,12 @@ impl RedisProfiles {
                 })
             })
             .collect::<Result<_, StoreError>>()?;
-        let counts_of = |v: Scored| v.into_iter().map(|(c, n)| (c, n as u64)).collect();
+        // Most first; ties by name, so the order does not depend on Redis internals.
+        let counts_of = |v: Scored| {
+            let mut v: Vec<(String, u64)> = v.into_iter().map(|(c, n)| (c, n as u64)).collect();
+            v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+            v
+        };
         let mut cart_lines = Vec::new();
         for (product_id, line) in cart {
             #[derive(Deserialize)]
