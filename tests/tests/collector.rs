@@ -335,3 +335,47 @@ fn demo_credentials_are_refused_on_a_public_address() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_batch_in_flight_at_sigterm_is_finished_and_applied() {
+    use std::io::{Read, Write};
+    let redis = RedisServer::start().unwrap();
+    let ingest = Ingest::start(&redis.url());
+    let body = wire::encode(&batch("visitor-6", vec![ev(1, wire::EventKind::Page)]));
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", ingest.port)).unwrap();
+    write!(
+        conn,
+        "POST /v1/fb HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    let (head, tail) = body.split_at(body.len() / 2);
+    conn.write_all(head).unwrap();
+    conn.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    // SIGTERM while the request is half sent: the collector stops accepting but finishes it.
+    let pid = ingest.pid().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    conn.write_all(tail).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut response = String::new();
+    let _ = conn.read_to_string(&mut response);
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(
+        response.contains(r#"{"accepted":1,"rejected":[]}"#),
+        "{response}"
+    );
+    let status = ingest.terminate_wait();
+    assert!(status.success(), "exit status {status}");
+    let mut redis_conn = std::net::TcpStream::connect(("127.0.0.1", redis.port())).unwrap();
+    redis_conn
+        .write_all(b"HGET profile:{a:visitor-6} page_views\r\n")
+        .unwrap();
+    let mut reply = [0u8; 16];
+    let n = redis_conn.read(&mut reply).unwrap();
+    assert_eq!(&reply[..n], b"$1\r\n1\r\n");
+}

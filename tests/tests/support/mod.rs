@@ -106,13 +106,17 @@ origins = ["{ORIGIN}"]
     }
 
     /// Sends SIGTERM and waits for the exit status.
-    pub fn terminate(mut self) -> std::process::ExitStatus {
-        let mut child = self.child.take().expect("running");
+    pub fn terminate(self) -> std::process::ExitStatus {
         Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
+            .args(["-TERM", &self.pid().to_string()])
             .status()
             .expect("kill");
-        child.wait().expect("wait")
+        self.terminate_wait()
+    }
+
+    /// Waits for a process already told to stop.
+    pub fn terminate_wait(mut self) -> std::process::ExitStatus {
+        self.child.take().expect("running").wait().expect("wait")
     }
 }
 
