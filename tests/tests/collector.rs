@@ -322,8 +322,7 @@ fn sigterm_stops_the_collector_cleanly() {
 
 #[test]
 fn demo_credentials_are_refused_on_a_public_address() {
-    let out = std::process::Command::new(support::ingest_bin())
-        .env_remove("INGEST_CONFIG")
+    let out = support::ingest_command()
         .env("INGEST_DEMO", "true")
         .env("INGEST_LISTEN", "0.0.0.0:0")
         .output()

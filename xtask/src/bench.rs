@@ -27,6 +27,11 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 pub fn run(loadgen_args: &[OsString]) -> anyhow::Result<()> {
     let ws = Workspace::locate()?;
     tools::require_redis_server()?;
+    // Both runs send the same events: one seed for both, unless the arguments name one
+    // (loadgen lets a later flag override an earlier one).
+    let mut args: Vec<OsString> = vec!["--seed".into(), seed().to_string().into()];
+    args.extend(loadgen_args.iter().cloned());
+    let loadgen_args = &args;
     process::run(
         ws.cargo()
             .args(["build", "--release", "-p", "ingest", "--bins"]),
@@ -34,7 +39,7 @@ pub fn run(loadgen_args: &[OsString]) -> anyhow::Result<()> {
     let loadgen = ws.bin("release", "loadgen");
 
     let redis = RedisServer::start().context("starting a throwaway redis-server")?;
-    let redis_url = redis.url().to_string();
+    let redis_url = redis.url();
     let scratch = tempfile::tempdir().context("creating a temporary directory")?;
     let port = process::free_port()?;
     let listen = SocketAddr::from(([127, 0, 0, 1], port));
@@ -44,17 +49,20 @@ pub fn run(loadgen_args: &[OsString]) -> anyhow::Result<()> {
     let log_path = scratch.path().join("ingest.log");
     let log = std::fs::File::create(&log_path)?;
 
-    let mut ingest = Service::spawn(
-        "ingest",
-        Command::new(ws.bin("release", "ingest"))
-            .arg("--config")
-            .arg(&config)
-            .current_dir(&ws.root)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log),
-        Some(log_path),
-    )?;
+    let mut cmd = Command::new(ws.bin("release", "ingest"));
+    cmd.arg("--config")
+        .arg(&config)
+        .current_dir(&ws.root)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    // The bench config is the whole configuration: no INGEST_* overrides from the shell.
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("INGEST_") {
+            cmd.env_remove(key);
+        }
+    }
+    let mut ingest = Service::spawn("ingest", &mut cmd, Some(log_path))?;
     ingest.wait_ready(listen, "/readyz", READY_TIMEOUT, None)?;
 
     eprintln!("\n== collector: loadgen -> ingest -> redis ==");
@@ -98,6 +106,14 @@ pub fn run(loadgen_args: &[OsString]) -> anyhow::Result<()> {
     );
     drop(redis);
     Ok(())
+}
+
+/// A seed that differs between runs.
+fn seed() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    nanos ^ u64::from(std::process::id()).rotate_left(32)
 }
 
 /// The collector configuration for the bench: the demo's settings, but not in demo mode, on

@@ -58,7 +58,7 @@ pub fn run() -> anyhow::Result<()> {
             let port = process::free_port()?;
             let server = RedisServer::start_with_dir(&dir, port)
                 .with_context(|| format!("starting redis-server with data in {}", dir.display()))?;
-            (server.url().to_string(), Some((server, dir)))
+            (server.url(), Some((server, dir)))
         }
     };
 
@@ -79,7 +79,7 @@ pub fn run() -> anyhow::Result<()> {
     println!("write key:     demo");
     println!("API token:     demo-secret");
     println!(
-        "profile API:   curl -H 'Authorization: Bearer demo-secret' {url}/v1/profiles/a:<anonymous id>"
+        "profile API:   curl -H 'Authorization: Bearer demo-secret' {url}/v1/profiles/<user id or anonymous id>"
     );
     match &redis {
         Some((_, dir)) => println!("redis:         {redis_url} (data in {})", dir.display()),
@@ -106,6 +106,7 @@ pub fn run() -> anyhow::Result<()> {
     let status = ingest.stop(STOP_GRACE)?;
     if let Some((server, _)) = redis {
         eprintln!("stopping redis-server");
+        shutdown_redis(&redis_url);
         drop(server);
     }
     // A collector stopped by SIGTERM exits 0 after its graceful shutdown.
@@ -114,4 +115,26 @@ pub fn run() -> anyhow::Result<()> {
     }
     eprintln!("demo stopped");
     Ok(())
+}
+
+/// Asks Redis to shut down (it flushes its append-only file first) and waits until it has,
+/// for at most 5 s. Dropping the server handle kills the process, which could lose the
+/// last second of writes. Redis may already be gone: Ctrl-C in a terminal reaches it too.
+fn shutdown_redis(url: &str) {
+    let Ok(client) = redis::Client::open(url) else {
+        return;
+    };
+    let Ok(mut con) = client.get_connection_with_timeout(Duration::from_secs(1)) else {
+        return;
+    };
+    // On success Redis closes the connection instead of answering.
+    let _ = redis::cmd("SHUTDOWN").query::<()>(&mut con);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while std::time::Instant::now() < deadline
+        && client
+            .get_connection_with_timeout(Duration::from_millis(200))
+            .is_ok()
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

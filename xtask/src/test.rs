@@ -44,6 +44,21 @@ const STEPS: &[Step] = &[
         run: |_, _| tools::require_redis_server().map(|_| ()),
     },
     Step {
+        name: "wire builds for wasm32-unknown-unknown",
+        run: |ws, _| {
+            tools::require_rust_target(tools::WASM_TARGET)?;
+            let args = [
+                "build",
+                "-p",
+                "wire",
+                "--target",
+                tools::WASM_TARGET,
+                "--release",
+            ];
+            process::run(ws.cargo().args(args))
+        },
+    },
+    Step {
         name: "cargo build -p ingest --bins",
         run: |ws, _| process::run(ws.cargo().args(["build", "-p", "ingest", "--bins"])),
     },
@@ -51,7 +66,8 @@ const STEPS: &[Step] = &[
         name: "cargo test --workspace --all-targets",
         run: |ws, counts| {
             let mut cmd = ws.cargo();
-            cmd.args(["test", "--workspace", "--all-targets"])
+            // --no-fail-fast: one failing suite must not hide the results of the others.
+            cmd.args(["test", "--workspace", "--all-targets", "--no-fail-fast"])
                 .env("INGEST_BIN", ws.bin("debug", "ingest"))
                 .env("LOADGEN_BIN", ws.bin("debug", "loadgen"));
             cargo_test(&mut cmd, counts)
@@ -59,7 +75,10 @@ const STEPS: &[Step] = &[
     },
     Step {
         name: "cargo test --workspace --doc",
-        run: |ws, counts| cargo_test(ws.cargo().args(["test", "--workspace", "--doc"]), counts),
+        run: |ws, counts| {
+            let args = ["test", "--workspace", "--doc", "--no-fail-fast"];
+            cargo_test(ws.cargo().args(args), counts)
+        },
     },
 ];
 

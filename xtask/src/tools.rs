@@ -41,6 +41,34 @@ pub fn require_redis_server() -> anyhow::Result<PathBuf> {
     require("redis-server", REDIS_INSTALL)
 }
 
+/// The browser target the tracker (and the `wire` builder it uses) compiles for.
+pub const WASM_TARGET: &str = "wasm32-unknown-unknown";
+
+/// Makes sure rustup has the standard library for `target`, installing it when missing.
+///
+/// # Errors
+/// rustup is missing or cannot install the target.
+pub fn require_rust_target(target: &str) -> anyhow::Result<()> {
+    let rustup = require("rustup", "https://rustup.rs")?;
+    let installed = std::process::Command::new(&rustup)
+        .args(["target", "list", "--installed"])
+        .output()?;
+    if String::from_utf8_lossy(&installed.stdout)
+        .lines()
+        .any(|l| l.trim() == target)
+    {
+        return Ok(());
+    }
+    eprintln!("installing the {target} target with rustup");
+    let status = std::process::Command::new(&rustup)
+        .args(["target", "add", target])
+        .status()?;
+    if !status.success() {
+        bail!("rustup target add {target} failed ({status})");
+    }
+    Ok(())
+}
+
 fn is_executable(path: &Path) -> bool {
     use std::os::unix::fs::PermissionsExt as _;
     path.metadata()

@@ -812,24 +812,27 @@ mod http {
 }
 
 mod raw {
-    //! Raw mode, the baseline: for each batch one pipeline of plain commands, the same
-    //! per-event writes the collector's script makes (without its checks, segments or
-    //! atomicity), over `concurrency` connections.
+    //! Raw mode, the baseline: for each batch one pipeline of plain commands making the
+    //! writes the collector's apply script makes (profile-cache `apply.lua`), without its
+    //! reads, checks, dedupe lookups or atomicity, over `concurrency` connections.
+    //!
+    //! Per event: `ZADD` dedupe, `HINCRBY` events and counts, then by kind `HINCRBY`
+    //! page views, `HSET` traits, `ZADD` viewed + `ZINCRBY` categories, `HINCRBY` cart,
+    //! order counters and bought categories, email counters; and `XADD stream:events
+    //! MAXLEN ~` with an event JSON like the collector's. Per profile and batch: `HSET` id
+    //! and first/last seen, `SADD` ids, trim recently viewed.
 
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::{Duration, Instant};
 
     use anyhow::Context as _;
-    use profile_cache::ProfileId;
-    use wire::{Batch, EventKind};
+    use profile_cache::keys::{EVENT_STREAM, ProfileKeys};
+    use profile_cache::{ProfileConfig, ProfileId};
+    use serde_json::json;
+    use wire::{Batch, Event, EventKind};
 
     use crate::stats::{Counters, Summary};
-
-    /// Approximate length `stream:events` is capped at.
-    const STREAM_MAXLEN: usize = 100_000;
-    /// Product views kept per profile.
-    const VIEWED_CAP: isize = 20;
 
     /// Writes every batch to Redis at `url` and reports.
     ///
@@ -852,6 +855,7 @@ mod raw {
             );
         }
         eprintln!("loadgen: writing {} batches to {url}", batches.len());
+        let config = Arc::new(ProfileConfig::default());
         let batches = Arc::new(batches);
         let counters = Arc::new(Counters::default());
         let next = Arc::new(AtomicUsize::new(0));
@@ -861,6 +865,7 @@ mod raw {
             .into_iter()
             .map(|mut con| {
                 let (batches, counters, next) = (batches.clone(), counters.clone(), next.clone());
+                let config = config.clone();
                 tokio::spawn(async move {
                     let mut latencies = Vec::new();
                     let mut reported = false;
@@ -870,7 +875,8 @@ mod raw {
                         let events = batch.events.len() as u64;
                         Counters::add(&counters.sent, events);
                         let t = Instant::now();
-                        let pipe = pipeline(batch);
+                        // Built in the timed section: the collector builds its calls too.
+                        let pipe = pipeline(batch, &config, now_ms());
                         let result = pipe.query_async::<()>(&mut con).await;
                         latencies.push(micros(t.elapsed()));
                         match result {
@@ -897,89 +903,219 @@ mod raw {
         Ok(Summary::new(&counters, latencies, elapsed))
     }
 
+    /// The profile an event belongs to, and its user id if known, by the collector's rule:
+    /// identify and alias name their user; other events belong to the batch's user, else to
+    /// the anonymous visitor.
+    fn owner<'a>(batch: &'a Batch, e: &'a Event) -> Option<(ProfileId, Option<&'a str>)> {
+        let user = match e.kind {
+            EventKind::Identify | EventKind::Alias => e.user_id.as_deref(),
+            _ => None,
+        }
+        .or(batch.context.user_id.as_deref());
+        match user {
+            Some(u) => Some((ProfileId::user(u).ok()?, Some(u))),
+            None => Some((
+                ProfileId::anonymous(batch.context.anonymous_id.as_deref()?).ok()?,
+                None,
+            )),
+        }
+    }
+
     /// The writes for one batch, profile by profile as the collector groups them.
-    fn pipeline(batch: &Batch) -> redis::Pipeline {
-        let ctx = &batch.context;
-        let anonymous = ctx.anonymous_id.as_deref().unwrap_or("");
-        let mut pipe = redis::pipe();
+    fn pipeline(batch: &Batch, config: &ProfileConfig, now: i64) -> redis::Pipeline {
+        let mut profiles: Vec<(ProfileId, Option<&str>, Vec<&Event>)> = Vec::new();
         for e in &batch.events {
-            // Identify names its user; everything else belongs to the batch's user, or to
-            // the anonymous visitor (the collector's rule).
-            let owner = match e.kind {
-                EventKind::Identify | EventKind::Alias => e.user_id.as_deref(),
-                _ => None,
-            }
-            .or(ctx.user_id.as_deref());
-            let Ok(profile) =
-                owner.map_or_else(|| ProfileId::anonymous(anonymous), ProfileId::user)
-            else {
+            let Some((profile, user)) = owner(batch, e) else {
                 continue;
             };
-            let key = format!("profile:{{{profile}}}");
-            let ts = e.timestamp_ms;
-            let id = hex(&e.message_id);
-            let kind = kind_name(e.kind);
-
-            pipe.zadd(format!("{key}:dedupe"), &id, ts).ignore();
-            pipe.hincr(&key, "events", 1).ignore();
-            pipe.hset_nx(&key, "first_seen", ts).ignore();
-            pipe.hset(&key, "last_seen", ts).ignore();
-            pipe.hincr(format!("{key}:counts"), kind, 1).ignore();
-            match e.kind {
-                EventKind::Page => {
-                    pipe.hincr(&key, "page_views", 1).ignore();
-                }
-                EventKind::ProductViewed => {
-                    for item in &e.items {
-                        pipe.zadd(format!("{key}:viewed"), &item.product_id, ts)
-                            .ignore();
-                        pipe.zremrangebyrank(format!("{key}:viewed"), 0, -(VIEWED_CAP + 1))
-                            .ignore();
-                        if let Some(category) = &item.category {
-                            pipe.zincr(format!("{key}:cat_viewed"), category, 1)
-                                .ignore();
+            match profiles.iter_mut().find(|(p, _, _)| *p == profile) {
+                Some((_, _, events)) => events.push(e),
+                None => profiles.push((profile, user, vec![e])),
+            }
+        }
+        let context = context_json(batch);
+        let stream_max = redis::streams::StreamMaxlen::Approx(config.event_stream_max_len as usize);
+        let viewed_max = isize::try_from(config.recently_viewed_max).unwrap_or(isize::MAX);
+        let mut pipe = redis::pipe();
+        for (profile, user, events) in &profiles {
+            let k = ProfileKeys::new(profile);
+            let (mut first_seen, mut last_seen) = (i64::MAX, i64::MIN);
+            for e in events {
+                let ts = e.timestamp_ms;
+                first_seen = first_seen.min(ts);
+                last_seen = last_seen.max(ts);
+                let kind = kind_name(e.kind);
+                let count_name = match (&e.name, e.kind) {
+                    (Some(name), EventKind::Track) if !name.is_empty() => name.as_str(),
+                    _ => kind,
+                };
+                let id = uuid::Uuid::from_bytes(e.message_id);
+                pipe.zadd(&k.dedupe, id.simple().to_string(), now).ignore();
+                pipe.hincr(&k.profile, "events", 1).ignore();
+                pipe.hincr(&k.counts, count_name, 1).ignore();
+                match e.kind {
+                    EventKind::Page => {
+                        pipe.hincr(&k.profile, "page_views", 1).ignore();
+                    }
+                    EventKind::Identify if !e.properties.is_empty() => {
+                        let traits: Vec<(&str, String)> = e
+                            .properties
+                            .iter()
+                            .map(|p| (p.key.as_str(), value_string(&p.value)))
+                            .collect();
+                        pipe.hset_multiple(&k.traits, &traits).ignore();
+                    }
+                    EventKind::ProductViewed => {
+                        for item in &e.items {
+                            pipe.zadd(&k.viewed, &item.product_id, ts).ignore();
+                            if let Some(category) = &item.category {
+                                pipe.zincr(&k.cat_viewed, category, 1).ignore();
+                            }
                         }
                     }
-                }
-                EventKind::CartAdd | EventKind::CartRemove => {
-                    let sign = if e.kind == EventKind::CartAdd { 1 } else { -1 };
-                    for item in &e.items {
-                        let delta = sign * i64::from(item.quantity);
-                        pipe.hincr(format!("{key}:cart"), &item.product_id, delta)
-                            .ignore();
+                    EventKind::CartAdd | EventKind::CartRemove => {
+                        let sign = if e.kind == EventKind::CartAdd { 1 } else { -1 };
+                        for item in &e.items {
+                            let delta = sign * i64::from(item.quantity);
+                            pipe.hincr(&k.cart, &item.product_id, delta).ignore();
+                        }
+                        pipe.hset(&k.profile, "cart_updated_at", ts).ignore();
                     }
-                }
-                EventKind::OrderCompleted => {
-                    pipe.hincr(&key, "orders", 1).ignore();
-                    pipe.hincr(&key, "revenue", e.revenue).ignore();
-                    pipe.del(format!("{key}:cart")).ignore();
-                }
-                EventKind::Identify => {
-                    let traits: Vec<(String, String)> = e
-                        .properties
-                        .iter()
-                        .map(|p| (format!("trait:{}", p.key), value_string(&p.value)))
-                        .collect();
-                    if !traits.is_empty() {
-                        pipe.hset_multiple(&key, &traits).ignore();
+                    EventKind::OrderCompleted => {
+                        pipe.hincr(&k.profile, "orders", 1).ignore();
+                        pipe.hincr(&k.profile, "revenue", e.revenue).ignore();
+                        pipe.hset_multiple(
+                            &k.profile,
+                            &[
+                                ("last_order_at", ts.to_string()),
+                                ("currency", e.currency.clone().unwrap_or_default()),
+                            ],
+                        )
+                        .ignore();
+                        for item in &e.items {
+                            if let Some(category) = &item.category {
+                                pipe.zincr(&k.cat_bought, category, item.quantity).ignore();
+                            }
+                        }
+                        pipe.del(&k.cart).ignore();
                     }
+                    EventKind::EmailOpened | EventKind::EmailClicked => {
+                        let field = if e.kind == EventKind::EmailOpened {
+                            "email_opens"
+                        } else {
+                            "email_clicks"
+                        };
+                        pipe.hincr(&k.profile, field, 1).ignore();
+                        pipe.hset(&k.profile, "last_engaged_at", ts).ignore();
+                    }
+                    _ => {}
                 }
-                _ => {}
+                let entry = event_json(profile, batch, e, &context, now).to_string();
+                pipe.xadd_maxlen(
+                    EVENT_STREAM,
+                    stream_max,
+                    "*",
+                    &[
+                        ("profile", profile.as_str()),
+                        ("kind", kind),
+                        ("event", entry.as_str()),
+                    ],
+                )
+                .ignore();
             }
-            pipe.xadd_maxlen(
-                "stream:events",
-                redis::streams::StreamMaxlen::Approx(STREAM_MAXLEN),
-                "*",
+            pipe.hset_multiple(
+                &k.profile,
                 &[
-                    ("profile", profile.as_str()),
-                    ("kind", kind),
-                    ("id", id.as_str()),
-                    ("ts", ts.to_string().as_str()),
+                    ("id", profile.as_str().to_string()),
+                    ("first_seen", first_seen.to_string()),
+                    ("last_seen", last_seen.to_string()),
                 ],
             )
             .ignore();
+            if let Some(user) = user {
+                pipe.hset(&k.profile, "user_id", *user).ignore();
+                pipe.sadd(&k.ids, format!("user:{user}")).ignore();
+            }
+            if let Some(anonymous) = &batch.context.anonymous_id {
+                pipe.sadd(&k.ids, format!("anon:{anonymous}")).ignore();
+            }
+            pipe.zremrangebyrank(&k.viewed, 0, -(viewed_max + 1))
+                .ignore();
         }
         pipe
+    }
+
+    /// The batch context as the collector's stream entries carry it.
+    fn context_json(batch: &Batch) -> serde_json::Value {
+        let c = &batch.context;
+        json!({
+            "page_url": c.page_url,
+            "referrer": c.referrer,
+            "utm_source": c.utm_source,
+            "utm_medium": c.utm_medium,
+            "utm_campaign": c.utm_campaign,
+            "utm_term": c.utm_term,
+            "utm_content": c.utm_content,
+            "locale": c.locale,
+            "timezone": c.timezone,
+            "screen": [c.screen_width, c.screen_height],
+            "session_id": c.session_id,
+        })
+    }
+
+    /// An event JSON of the same shape and size as the collector's stream entry.
+    fn event_json(
+        profile: &ProfileId,
+        batch: &Batch,
+        e: &Event,
+        context: &serde_json::Value,
+        now: i64,
+    ) -> serde_json::Value {
+        let properties: serde_json::Map<String, serde_json::Value> = e
+            .properties
+            .iter()
+            .map(|p| {
+                let v = match &p.value {
+                    wire::Value::String(s) => json!(s),
+                    wire::Value::Int(i) => json!(i),
+                    wire::Value::Float(f) => json!(f),
+                    wire::Value::Bool(b) => json!(b),
+                };
+                (p.key.clone(), v)
+            })
+            .collect();
+        let items: Vec<_> = e
+            .items
+            .iter()
+            .map(|i| {
+                json!({
+                    "product_id": i.product_id,
+                    "category": i.category,
+                    "price": i.price,
+                    "quantity": i.quantity,
+                    "name": i.name,
+                })
+            })
+            .collect();
+        json!({
+            "profile": profile.as_str(),
+            "message_id": uuid::Uuid::from_bytes(e.message_id),
+            "kind": kind_name(e.kind),
+            "name": e.name,
+            "timestamp": e.timestamp_ms,
+            "received_at": now,
+            "properties": properties,
+            "items": items,
+            "user_id": e.user_id,
+            "previous_id": e.previous_id,
+            "order_id": e.order_id,
+            "revenue": e.revenue,
+            "currency": e.currency,
+            "consent": null,
+            "purpose": profile_cache::Purpose::ALL[e.purpose as usize].as_str(),
+            "anonymous_id": batch.context.anonymous_id,
+            "context": context,
+        })
     }
 
     /// The name the collector uses (`profile_cache` lists kinds in wire order).
@@ -996,12 +1132,10 @@ mod raw {
         }
     }
 
-    fn hex(bytes: &[u8]) -> String {
-        use std::fmt::Write as _;
-        bytes.iter().fold(String::with_capacity(32), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
+    fn now_ms() -> i64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64)
     }
 
     fn micros(d: Duration) -> u32 {

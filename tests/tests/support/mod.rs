@@ -29,6 +29,18 @@ pub fn ingest_bin() -> PathBuf {
     path
 }
 
+/// The ingest binary with no `INGEST_*` variables from the caller's environment (they
+/// would override the test's configuration, and unknown ones are refused).
+pub fn ingest_command() -> Command {
+    let mut cmd = Command::new(ingest_bin());
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("INGEST_") {
+            cmd.env_remove(key);
+        }
+    }
+    cmd
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -67,10 +79,9 @@ origins = ["{ORIGIN}"]
 "#
         )
         .unwrap();
-        let child = Command::new(ingest_bin())
+        let child = ingest_command()
             .arg("--config")
             .arg(config.path())
-            .env_remove("INGEST_CONFIG")
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .spawn()
