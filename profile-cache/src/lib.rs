@@ -8,12 +8,15 @@
 //! - [`model`]: domain types (events, consent, profile ids, profiles).
 //! - [`keys`]: the Redis key schema, a public contract for connectors that read Redis.
 //! - [`store`]: [`RedisProfiles`], applying updates and reading profiles, and its config.
+//! - `script` (private): the apply script `apply.lua`, its arguments, and the event stream
+//!   entry it writes.
 //! - [`lifecycle`]: lifecycle stage thresholds and the stage of a profile at a time.
 //! - `testing` (feature `testing`): throwaway `redis-server` processes for tests and tools.
 
 pub mod keys;
 pub mod lifecycle;
 pub mod model;
+mod script;
 pub mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -24,4 +27,4 @@ pub use model::{
     EventKind, IdError, Item, Lifecycle, Profile, ProfileId, ProfileUpdate, Purpose, Value,
     ViewedProduct,
 };
-pub use store::{ProfileConfig, RedisProfiles, StoreError};
+pub use store::{ConfigError, ProfileConfig, RedisProfiles, StoreError};

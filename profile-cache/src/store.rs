@@ -1,28 +1,28 @@
-//! [`RedisProfiles`]: applies profile updates and reads profiles back.
+//! [`RedisProfiles`]: applies profile updates and reads profiles back, and its config.
 //!
 //! Applying uses a Lua script (`apply.lua`), not a plain pipeline, because dedupe is
 //! conditional: whether an event's counters move depends on whether its message id was seen
-//! before, and a pipeline cannot branch on a reply without a second round trip. All scripts
-//! of one batch travel in one pipeline (wrapped in `MULTI`/`EXEC` when the batch touches
-//! several profiles): one round trip per batch. Figures: docs/BENCHMARKS.md.
+//! before, and a pipeline cannot branch on a reply without a second round trip (a `WATCH`
+//! loop would need two and retries under contention). One `EVALSHA` per profile, all of a
+//! batch's in one `MULTI`/`EXEC` pipeline: one round trip per batch.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
-use redis::{AsyncCommands, ErrorKind, RedisError, ServerErrorKind};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{FromRedisValue, RedisError, ServerErrorKind};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use time::OffsetDateTime;
 
-use crate::keys::{EVENT_STREAM, ProfileKeys, SCHEMA_VERSION, SCHEMA_VERSION_KEY};
-use crate::lifecycle::LifecycleThresholds;
+use crate::keys::{ProfileKeys, SCHEMA_VERSION, SCHEMA_VERSION_KEY};
+use crate::lifecycle::{LifecycleThresholds, ThresholdError};
 use crate::model::{
-    ApplyReport, CartLine, ConsentState, ConsentStatus, Event, EventKind, Profile, ProfileId,
-    ProfileUpdate, Purpose, ViewedProduct,
+    ApplyReport, CartLine, ConsentState, ConsentStatus, Profile, ProfileId, ProfileUpdate, Purpose,
+    ViewedProduct,
 };
+use crate::script;
 
-/// How profiles are kept.
+/// How profiles are kept. Every field has a default; `validate` checks what types cannot.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ProfileConfig {
@@ -56,25 +56,37 @@ impl Default for ProfileConfig {
     }
 }
 
+/// A [`ProfileConfig`] that cannot work.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// A setting that must be positive is zero.
+    #[error("{field} must be greater than zero")]
+    Zero {
+        /// The setting, e.g. `dedupe_max_ids`.
+        field: &'static str,
+    },
+    /// The lifecycle thresholds contradict each other.
+    #[error(transparent)]
+    Lifecycle(#[from] ThresholdError),
+}
+
 impl ProfileConfig {
-    /// Checks values types cannot.
+    /// Checks values types cannot: positive sizes and durations, ordered lifecycle thresholds.
     ///
     /// # Errors
-    /// Names the setting.
-    pub fn validate(&self) -> Result<(), String> {
-        self.lifecycle.validate().map_err(|e| e.to_string())?;
-        if self.dedupe_max_ids == 0 {
-            return Err("dedupe_max_ids must be positive".into());
+    /// The first bad setting, by name.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let zero = [
+            ("dedupe_window", self.dedupe_window.is_zero()),
+            ("dedupe_max_ids", self.dedupe_max_ids == 0),
+            ("recently_viewed_max", self.recently_viewed_max == 0),
+            ("event_stream_max_len", self.event_stream_max_len == 0),
+            ("redis_timeout", self.redis_timeout.is_zero()),
+        ];
+        if let Some((field, _)) = zero.into_iter().find(|(_, is_zero)| *is_zero) {
+            return Err(ConfigError::Zero { field });
         }
-        if self.dedupe_window.is_zero() {
-            return Err("dedupe_window must be positive".into());
-        }
-        if self.recently_viewed_max == 0 {
-            return Err("recently_viewed_max must be positive".into());
-        }
-        if self.redis_timeout.is_zero() {
-            return Err("redis_timeout must be positive".into());
-        }
+        self.lifecycle.validate()?;
         Ok(())
     }
 }
@@ -82,10 +94,12 @@ impl ProfileConfig {
 /// Why a storage call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// Redis cannot be reached or is not ready (refused, timed out, loading); retry later.
+    /// Redis cannot be reached or is not ready (refused, timed out, loading, busy, read-only
+    /// replica, out of memory): nothing was acknowledged, retry later.
     #[error("redis unavailable: {0}")]
     Unavailable(RedisError),
-    /// Stored data this version cannot read (written by another version, or by hand).
+    /// Stored data this version cannot read or update (written by another version, or by
+    /// hand). An update that meets it leaves that profile unchanged.
     #[error("corrupt data in {key} field {field}: {detail}")]
     Corrupt {
         /// The key.
@@ -95,12 +109,15 @@ pub enum StoreError {
         /// What is wrong.
         detail: String,
     },
-    /// The Redis holds data of another schema version.
+    /// The Redis holds data of another key schema version.
     #[error("redis holds key schema version {found}, this build reads version {SCHEMA_VERSION}")]
     Schema {
-        /// The version found.
+        /// What `meta:schema_version` holds.
         found: String,
     },
+    /// An event could not be encoded for the script.
+    #[error("event cannot be encoded: {0}")]
+    Encode(#[from] serde_json::Error),
     /// Any other Redis error.
     #[error("redis error: {0}")]
     Redis(RedisError),
@@ -108,46 +125,58 @@ pub enum StoreError {
 
 impl From<RedisError> for StoreError {
     fn from(e: RedisError) -> Self {
-        // A pipeline or transaction reports its commands' errors together; the first one
-        // says what went wrong.
-        let e = match e.clone().into_server_errors() {
-            Some(errors) if !errors.is_empty() => RedisError::from(errors[0].1.clone()),
-            _ => e,
-        };
-        let unavailable = e.is_io_error()
-            || e.is_timeout()
-            || e.is_connection_refusal()
-            || e.is_connection_dropped()
-            || matches!(
-                e.kind(),
-                ErrorKind::Server(ServerErrorKind::BusyLoading | ServerErrorKind::TryAgain)
-            )
-            || e.code() == Some("BUSY");
-        if unavailable {
+        if e.is_io_error() || e.is_timeout() || e.is_connection_refusal() {
             return StoreError::Unavailable(e);
         }
-        if e.code() == Some("CORRUPT") {
-            // The script's error reply: "CORRUPT <key> <field> <detail...>".
-            let detail = e.detail().unwrap_or_default();
-            let mut parts = detail.splitn(3, ' ');
-            return StoreError::Corrupt {
-                key: parts.next().unwrap_or_default().into(),
-                field: parts.next().unwrap_or_default().into(),
-                detail: parts.next().unwrap_or_default().into(),
-            };
+        // A pipeline or transaction reports the errors of its commands together.
+        let errors = e.clone().into_server_errors().unwrap_or_default();
+        let mut corrupt = None;
+        for (_, err) in errors.iter() {
+            let unavailable = matches!(
+                err.kind(),
+                Some(
+                    ServerErrorKind::BusyLoading
+                        | ServerErrorKind::TryAgain
+                        | ServerErrorKind::ClusterDown
+                        | ServerErrorKind::MasterDown
+                        | ServerErrorKind::ReadOnly
+                )
+            ) || matches!(err.code(), "BUSY" | "OOM");
+            if unavailable {
+                return StoreError::Unavailable(e);
+            }
+            if err.code() == "CORRUPT" && corrupt.is_none() {
+                corrupt = Some(script_corrupt(err.details().unwrap_or_default()));
+            }
         }
-        if e.code() == Some("WRONGTYPE") {
-            return StoreError::Corrupt {
-                key: "?".into(),
-                field: "-".into(),
-                detail: e.to_string(),
-            };
-        }
-        StoreError::Redis(e)
+        corrupt.unwrap_or(StoreError::Redis(e))
     }
 }
 
-/// Profiles in one Redis server. Cheap to clone; clones share the connection.
+/// The script's `CORRUPT {"key":..,"field":..,"detail":..}` error reply.
+fn script_corrupt(details: &str) -> StoreError {
+    #[derive(Deserialize)]
+    struct Reply {
+        key: String,
+        field: String,
+        detail: String,
+    }
+    match serde_json::from_str::<Reply>(details) {
+        Ok(r) => corrupt(&r.key, &r.field, &r.detail),
+        Err(_) => corrupt("?", "?", details),
+    }
+}
+
+fn is_noscript(e: &RedisError) -> bool {
+    e.clone().into_server_errors().is_some_and(|errors| {
+        errors
+            .iter()
+            .any(|(_, err)| err.kind() == Some(ServerErrorKind::NoScript))
+    })
+}
+
+/// Profiles in one Redis server. Cheap to clone; clones share the connection, which
+/// reconnects by itself after Redis comes back.
 #[derive(Clone)]
 pub struct RedisProfiles {
     conn: ConnectionManager,
@@ -155,118 +184,123 @@ pub struct RedisProfiles {
     script: redis::Script,
 }
 
+impl std::fmt::Debug for RedisProfiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisProfiles")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
 impl RedisProfiles {
-    /// Connects, and marks an empty Redis with the schema version.
+    /// Connects, marks an empty Redis with the schema version (`meta:schema_version`), and
+    /// loads the apply script.
     ///
     /// # Errors
-    /// Redis cannot be reached, or holds another schema version.
+    /// [`StoreError::Unavailable`] when Redis cannot be reached within `redis_timeout`,
+    /// [`StoreError::Schema`] when it holds data of another schema version.
     pub async fn connect(url: &str, config: ProfileConfig) -> Result<Self, StoreError> {
         let client = redis::Client::open(url).map_err(StoreError::Redis)?;
-        let manager = redis::aio::ConnectionManagerConfig::new()
+        let manager = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.redis_timeout))
             .set_response_timeout(Some(config.redis_timeout))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_millis(500));
         let mut conn = ConnectionManager::new_with_config(client, manager).await?;
-        let _: bool = conn.set_nx(SCHEMA_VERSION_KEY, SCHEMA_VERSION).await?;
-        let found: Option<String> = conn.get(SCHEMA_VERSION_KEY).await?;
-        match found {
-            Some(v) if v == SCHEMA_VERSION => {}
-            other => {
-                return Err(StoreError::Schema {
-                    found: other.unwrap_or_default(),
-                });
-            }
+        let (kind,): (String,) = redis::pipe()
+            .cmd("SET")
+            .arg(SCHEMA_VERSION_KEY)
+            .arg(SCHEMA_VERSION)
+            .arg("NX")
+            .ignore()
+            .cmd("TYPE")
+            .arg(SCHEMA_VERSION_KEY)
+            .query_async(&mut conn)
+            .await?;
+        if kind != "string" {
+            return Err(StoreError::Schema {
+                found: format!("<a {kind}, not a string>"),
+            });
         }
+        let found: Option<String> = redis::cmd("GET")
+            .arg(SCHEMA_VERSION_KEY)
+            .query_async(&mut conn)
+            .await?;
+        if let Some(found) = found.filter(|v| v != SCHEMA_VERSION) {
+            return Err(StoreError::Schema { found });
+        }
+        // Loaded now so the first batch does not pay for a NOSCRIPT round trip.
+        let script = redis::Script::new(script::SOURCE);
+        script.load_async(&mut conn).await?;
         Ok(Self {
             conn,
             config,
-            script: redis::Script::new(include_str!("apply.lua")),
+            script,
         })
     }
 
-    /// Applies the updates of one batch in one round trip. Each profile's events apply
-    /// atomically and in order; events already applied (same message id within the dedupe
-    /// window) are skipped and counted as duplicates, so retrying after any failure is safe.
+    /// Applies the updates of one batch in one round trip (`MULTI`, one `EVALSHA` per
+    /// update, `EXEC`). Each update's events apply atomically and in order; an event whose
+    /// message id the profile already applied within the dedupe window is skipped and counted
+    /// as a duplicate, so retrying after any failure is safe. Updates without events are
+    /// skipped.
+    ///
+    /// When Redis restarted and forgot the script (`NOSCRIPT`), it is loaded and the batch is
+    /// sent once more.
     ///
     /// # Errors
-    /// [`StoreError::Unavailable`] when Redis cannot be reached (nothing acknowledged),
-    /// [`StoreError::Corrupt`] when a profile holds data this version cannot update (that
-    /// profile is left unchanged).
+    /// [`StoreError::Unavailable`] when Redis cannot be reached: nothing may be acknowledged.
+    /// [`StoreError::Corrupt`] when a profile holds data this version cannot update: that
+    /// profile is unchanged, but the batch's other profiles are applied (Redis transactions
+    /// do not roll back), and a retry counts their events as duplicates.
     pub async fn apply(&self, updates: &[ProfileUpdate]) -> Result<ApplyReport, StoreError> {
-        if updates.is_empty() {
+        let invocations = updates
+            .iter()
+            .filter(|u| !u.events.is_empty())
+            .map(|u| script::invocation(&self.script, u, &self.config))
+            .collect::<Result<Vec<_>, _>>()?;
+        if invocations.is_empty() {
             return Ok(ApplyReport::default());
         }
-        let now = updates[0]
-            .events
-            .first()
-            .map_or_else(OffsetDateTime::now_utc, |e| e.received_at);
         let mut pipe = redis::pipe();
-        if updates.len() > 1 {
+        // One script call is atomic by itself.
+        if invocations.len() > 1 {
             pipe.atomic();
         }
-        let invocations: Vec<_> = updates.iter().map(|u| self.invocation(u, now)).collect();
         for inv in &invocations {
             pipe.invoke_script(inv);
         }
         let mut conn = self.conn.clone();
-        let result: Result<Vec<(u64, u64)>, RedisError> = pipe.query_async(&mut conn).await;
-        let replies = match result {
-            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                // Redis restarted and forgot the script: load it, then try once more. Events
-                // that did apply in the failed attempt are deduped by the retry.
-                let _: String = self.script.prepare_invoke().load_async(&mut conn).await?;
+        let replies: Vec<(u64, u64)> = match pipe.query_async(&mut conn).await {
+            Err(e) if is_noscript(&e) => {
+                // Events that did apply before the failure dedupe on the second attempt.
+                self.script.load_async(&mut conn).await?;
                 pipe.query_async(&mut conn).await?
             }
-            other => other?,
+            result => result?,
         };
         Ok(replies
             .into_iter()
-            .fold(ApplyReport::default(), |r, (applied, duplicates)| {
+            .fold(ApplyReport::default(), |total, (applied, duplicates)| {
                 ApplyReport {
-                    applied: r.applied + applied,
-                    duplicates: r.duplicates + duplicates,
+                    applied: total.applied + applied,
+                    duplicates: total.duplicates + duplicates,
                 }
             }))
     }
 
-    fn invocation(&self, u: &ProfileUpdate, now: OffsetDateTime) -> redis::ScriptInvocation<'_> {
-        let keys = ProfileKeys::new(&u.profile);
-        let mut inv = self.script.prepare_invoke();
-        for k in keys.all() {
-            inv.key(k);
-        }
-        inv.key(EVENT_STREAM);
-        let c = &self.config;
-        inv.arg(millis(now))
-            .arg(c.dedupe_window.as_millis() as u64)
-            .arg(c.dedupe_max_ids)
-            .arg(c.recently_viewed_max)
-            .arg(c.event_stream_max_len)
-            .arg(c.lifecycle.new_for.as_millis() as u64)
-            .arg(u.profile.as_str())
-            .arg(u.anonymous_id.as_deref().unwrap_or(""))
-            .arg(u.user_id.as_deref().unwrap_or(""))
-            .arg(u.context.session_id.as_deref().unwrap_or(""));
-        for e in &u.events {
-            inv.arg(ops(e).to_string())
-                .arg(stream_entry(u, e).to_string());
-        }
-        inv
-    }
-
-    /// Reads a profile in one round trip, with its lifecycle stage as of `now`.
+    /// Reads a profile in one round trip (`MULTI`/`EXEC`, so a consistent snapshot), with its
+    /// lifecycle stage as of `now`; `None` when `profile:{ID}` does not exist.
     ///
     /// # Errors
-    /// Redis unavailable, or data this version cannot read ([`StoreError::Corrupt`]).
+    /// [`StoreError::Unavailable`], or [`StoreError::Corrupt`] naming the key and field of
+    /// data this version cannot read.
     pub async fn profile(
         &self,
         id: &ProfileId,
         now: OffsetDateTime,
     ) -> Result<Option<Profile>, StoreError> {
         let k = ProfileKeys::new(id);
-        type Pairs = Vec<(String, String)>;
-        type Scored = Vec<(String, f64)>;
         let mut pipe = redis::pipe();
         pipe.hgetall(&k.profile)
             .hgetall(&k.traits)
@@ -275,84 +309,85 @@ impl RedisProfiles {
             .zrevrange_withscores(&k.viewed, 0, -1)
             .zrevrange_withscores(&k.cat_viewed, 0, -1)
             .zrevrange_withscores(&k.cat_bought, 0, -1)
-            .hgetall(&k.cart);
+            .hgetall(&k.cart)
+            // One snapshot: no update lands between the reads of two keys.
+            .atomic()
+            // Errors come back per command, so a key of the wrong type can be named.
+            .ignore_errors();
         let mut conn = self.conn.clone();
-        let (hash, traits, counts, ids, viewed, cat_viewed, cat_bought, cart): (
-            Pairs,
-            Pairs,
-            Pairs,
-            Vec<String>,
-            Scored,
-            Scored,
-            Scored,
-            Pairs,
-        ) = pipe.query_async(&mut conn).await.map_err(|e| {
-            if e.code() == Some("WRONGTYPE") {
-                StoreError::Corrupt {
-                    key: k.profile.clone(),
-                    field: "-".into(),
-                    detail: "a key of this profile has the wrong type".into(),
-                }
-            } else {
-                e.into()
-            }
-        })?;
+        let replies: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
+        let mut replies = replies.into_iter();
+        let mut next = || replies.next().unwrap_or(redis::Value::Nil);
+        let hash: Vec<(String, String)> = parse(&k.profile, next())?;
+        let traits: Vec<(String, String)> = parse(&k.traits, next())?;
+        let counts: Vec<(String, String)> = parse(&k.counts, next())?;
+        let ids: Vec<String> = parse(&k.ids, next())?;
+        let viewed: Vec<(String, f64)> = parse(&k.viewed, next())?;
+        let cat_viewed: Vec<(String, f64)> = parse(&k.cat_viewed, next())?;
+        let cat_bought: Vec<(String, f64)> = parse(&k.cat_bought, next())?;
+        let cart: Vec<(String, String)> = parse(&k.cart, next())?;
         if hash.is_empty() {
             return Ok(None);
         }
-        let h: BTreeMap<String, String> = hash.into_iter().collect();
-        let read = Reader {
+
+        let h = Fields {
             key: &k.profile,
-            h: &h,
+            map: hash.into_iter().collect(),
         };
-        let first_seen = read.time("first_seen")?.unwrap_or(now);
-        let last_seen = read.time("last_seen")?.unwrap_or(first_seen);
+        let first_seen = h.time("first_seen")?.unwrap_or(now);
+        let last_seen = h.time("last_seen")?.unwrap_or(first_seen);
         let mut consent = BTreeMap::new();
         for p in Purpose::ALL {
-            let status = match h.get(&format!("consent:{p}")).map(String::as_str) {
+            let field = format!("consent:{p}");
+            let status = match h.map.get(&field).map(String::as_str) {
+                None => continue,
                 Some("granted") => ConsentStatus::Granted,
                 Some("denied") => ConsentStatus::Denied,
                 Some(other) => {
-                    return Err(corrupt(&k.profile, &format!("consent:{p}"), other));
+                    return Err(corrupt(
+                        &k.profile,
+                        &field,
+                        &format!("{other:?} is not granted or denied"),
+                    ));
                 }
-                None => continue,
             };
-            let at = read.time(&format!("consent:{p}:at"))?.unwrap_or(last_seen);
+            let at_field = format!("{field}:at");
+            let at = h
+                .time(&at_field)?
+                .ok_or_else(|| corrupt(&k.profile, &at_field, "is missing"))?;
             consent.insert(p, ConsentState { status, at });
         }
-        let (mut anonymous_ids, mut users) = (Vec::new(), Vec::new());
-        for id in ids {
-            match id.split_once(':') {
+
+        let (mut anonymous_ids, mut user_ids) = (Vec::new(), Vec::new());
+        for member in ids {
+            match member.split_once(':') {
                 Some(("anon", a)) => anonymous_ids.push(a.to_string()),
-                Some(("user", u)) => users.push(u.to_string()),
-                _ => return Err(corrupt(&k.ids, &id, "is not anon:<id> or user:<id>")),
+                Some(("user", u)) => user_ids.push(u.to_string()),
+                _ => return Err(corrupt(&k.ids, &member, "is not anon:<id> or user:<id>")),
             }
         }
         anonymous_ids.sort();
+        user_ids.sort();
+
         let mut event_counts = BTreeMap::new();
         for (name, n) in counts {
             let n = n
                 .parse()
-                .map_err(|_| corrupt(&k.counts, &name, "is not a count"))?;
+                .map_err(|_| corrupt(&k.counts, &name, &format!("{n:?} is not a count")))?;
             event_counts.insert(name, n);
         }
+
         let recently_viewed = viewed
             .into_iter()
             .map(|(product_id, ms)| {
-                Ok(ViewedProduct {
-                    at: from_millis(ms as i64)
-                        .ok_or_else(|| corrupt(&k.viewed, &product_id, "is not a time"))?,
-                    product_id,
-                })
+                let at = whole(ms).and_then(from_millis).ok_or_else(|| {
+                    corrupt(&k.viewed, &product_id, &format!("{ms} is not a time"))
+                })?;
+                Ok(ViewedProduct { product_id, at })
             })
             .collect::<Result<_, StoreError>>()?;
-        // Most first; ties by name, so the order does not depend on Redis internals.
-        let counts_of = |v: Scored| {
-            let mut v: Vec<(String, u64)> = v.into_iter().map(|(c, n)| (c, n as u64)).collect();
-            v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
-            v
-        };
-        let mut cart_lines = Vec::new();
+
+        let mut cart_lines = Vec::with_capacity(cart.len());
         for (product_id, line) in cart {
             #[derive(Deserialize)]
             struct Line {
@@ -361,7 +396,7 @@ impl RedisProfiles {
                 category: Option<String>,
             }
             let l: Line = serde_json::from_str(&line)
-                .map_err(|e| corrupt(&k.cart, &product_id, &e.to_string()))?;
+                .map_err(|e| corrupt(&k.cart, &product_id, &format!("{line:?}: {e}")))?;
             cart_lines.push(CartLine {
                 product_id,
                 quantity: l.quantity,
@@ -370,41 +405,44 @@ impl RedisProfiles {
             });
         }
         cart_lines.sort_by(|a, b| a.product_id.cmp(&b.product_id));
+
         Ok(Some(Profile {
             id: id.clone(),
-            user_id: h.get("user_id").cloned().or_else(|| users.pop()),
+            user_id: h.map.get("user_id").cloned().or_else(|| user_ids.pop()),
             anonymous_ids,
             traits: traits.into_iter().collect(),
             first_seen,
             last_seen,
-            events: read.count("events")?,
-            page_views: read.count("page_views")?,
-            sessions: read.count("sessions")?,
+            events: h.count("events")?,
+            page_views: h.count("page_views")?,
+            sessions: h.count("sessions")?,
             event_counts,
             recently_viewed,
-            categories_viewed: counts_of(cat_viewed),
-            categories_bought: counts_of(cat_bought),
+            categories_viewed: ranked(&k.cat_viewed, cat_viewed)?,
+            categories_bought: ranked(&k.cat_bought, cat_bought)?,
             cart: cart_lines,
-            cart_updated_at: read.time("cart_updated_at")?,
-            orders: read.count("orders")?,
-            revenue: read.int("revenue")?.unwrap_or(0),
-            last_order_at: read.time("last_order_at")?,
-            email_opens: read.count("email_opens")?,
-            email_clicks: read.count("email_clicks")?,
-            last_engaged_at: read.time("last_engaged_at")?,
+            cart_updated_at: h.time("cart_updated_at")?,
+            orders: h.count("orders")?,
+            revenue: h.int("revenue")?.unwrap_or(0),
+            last_order_at: h.time("last_order_at")?,
+            email_opens: h.count("email_opens")?,
+            email_clicks: h.count("email_clicks")?,
+            last_engaged_at: h.time("last_engaged_at")?,
             lifecycle: self.config.lifecycle.stage(first_seen, last_seen, now),
             consent,
         }))
     }
 
-    /// Finds a profile by user id, then by anonymous id. Ids that cannot be profile ids
-    /// find nothing.
+    /// The API's lookup: the profile of user `id`, else of anonymous visitor `id`. An id
+    /// that cannot be a profile id ([`crate::model::check_id`]) finds nothing.
     ///
     /// # Errors
     /// As [`RedisProfiles::profile`].
     pub async fn find(&self, id: &str, now: OffsetDateTime) -> Result<Option<Profile>, StoreError> {
-        let candidates = [ProfileId::user(id), ProfileId::anonymous(id)];
-        for candidate in candidates.into_iter().flatten() {
+        for candidate in [ProfileId::user(id), ProfileId::anonymous(id)] {
+            let Ok(candidate) = candidate else {
+                return Ok(None);
+            };
             if let Some(p) = self.profile(&candidate, now).await? {
                 return Ok(Some(p));
             }
@@ -423,96 +461,37 @@ impl RedisProfiles {
     }
 }
 
-/// What the script needs of an event. Integers travel as strings (Lua numbers are doubles).
-fn ops(e: &Event) -> serde_json::Value {
-    let count_name = match (e.kind, &e.name) {
-        (EventKind::Track, Some(name)) if !name.is_empty() => name.as_str(),
-        _ => e.kind.as_str(),
-    };
-    let items: Vec<_> = e
-        .items
-        .iter()
-        .map(|i| {
-            json!([
-                i.product_id,
-                i.category.as_deref().unwrap_or(""),
-                i.price.to_string(),
-                i.quantity.to_string()
-            ])
-        })
-        .collect();
-    let revenue = if e.revenue != 0 {
-        e.revenue
-    } else {
-        e.items
-            .iter()
-            .map(|i| i.price.saturating_mul(i64::from(i.quantity)))
-            .fold(0i64, i64::saturating_add)
-    };
-    let mut v = json!({
-        "id": e.message_id.simple().to_string(),
-        "k": e.kind.as_str(),
-        "n": count_name,
-        "ts": millis(e.timestamp).to_string(),
-    });
-    if !items.is_empty() {
-        v["it"] = json!(items);
+/// One reply of a pipeline run with `ignore_errors`, as `T`, or an error naming `key`.
+fn parse<T: FromRedisValue>(key: &str, value: redis::Value) -> Result<T, StoreError> {
+    match value {
+        redis::Value::ServerError(err) if err.code() == "WRONGTYPE" => {
+            Err(corrupt(key, "-", "has the wrong type"))
+        }
+        redis::Value::ServerError(err) => Err(RedisError::from(err).into()),
+        value => redis::from_redis_value(value).map_err(|e| corrupt(key, "-", &e.to_string())),
     }
-    match e.kind {
-        EventKind::Identify => {
-            let traits: Vec<_> = e
-                .properties
-                .iter()
-                .map(|(k, val)| json!([k, val.to_string()]))
-                .collect();
-            v["tr"] = json!(traits);
-        }
-        EventKind::OrderCompleted => {
-            v["rev"] = json!(revenue.to_string());
-            v["cur"] = json!(e.currency.as_deref().unwrap_or(""));
-        }
-        EventKind::ConsentChange => {
-            let c = e.consent.unwrap_or_default();
-            let names = |m: crate::model::ConsentMask| {
-                Purpose::ALL
-                    .into_iter()
-                    .filter(|p| m.contains(*p))
-                    .map(Purpose::as_str)
-                    .collect::<Vec<_>>()
-            };
-            v["cg"] = json!(names(c.granted));
-            v["cd"] = json!(names(c.denied));
-        }
-        _ => {}
-    }
-    v
 }
 
-/// The event as written to `stream:events`: everything known about it, readable JSON.
-fn stream_entry(u: &ProfileUpdate, e: &Event) -> serde_json::Value {
-    json!({
-        "profile": u.profile,
-        "message_id": e.message_id,
-        "kind": e.kind,
-        "name": e.name,
-        "timestamp": millis(e.timestamp),
-        "received_at": millis(e.received_at),
-        "properties": e.properties.iter().cloned().collect::<BTreeMap<_, _>>(),
-        "items": e.items,
-        "user_id": e.user_id,
-        "previous_id": e.previous_id,
-        "order_id": e.order_id,
-        "revenue": e.revenue,
-        "currency": e.currency,
-        "consent": e.consent,
-        "purpose": e.purpose,
-        "anonymous_id": u.anonymous_id,
-        "context": u.context,
-    })
+/// A sorted set of counts, most first; ties by name so the order does not depend on Redis.
+fn ranked(key: &str, scored: Vec<(String, f64)>) -> Result<Vec<(String, u64)>, StoreError> {
+    let mut counts = scored
+        .into_iter()
+        .map(
+            |(name, n)| match whole(n).and_then(|n| u64::try_from(n).ok()) {
+                Some(n) => Ok((name, n)),
+                None => Err(corrupt(key, &name, &format!("{n} is not a count"))),
+            },
+        )
+        .collect::<Result<Vec<_>, _>>()?;
+    counts.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    Ok(counts)
 }
 
-fn millis(t: OffsetDateTime) -> i64 {
-    (t.unix_timestamp_nanos() / 1_000_000) as i64
+/// A sorted set score that is a whole number (scores are doubles).
+fn whole(x: f64) -> Option<i64> {
+    // Exact integers within ±2^53 are what the script writes.
+    const LIMIT: f64 = 9_007_199_254_740_992.0;
+    (x.fract() == 0.0 && x.abs() <= LIMIT).then_some(x as i64)
 }
 
 fn from_millis(ms: i64) -> Option<OffsetDateTime> {
@@ -528,14 +507,14 @@ fn corrupt(key: &str, field: &str, detail: &str) -> StoreError {
 }
 
 /// Typed reads of the profile hash, with errors naming the field.
-struct Reader<'a> {
+struct Fields<'a> {
     key: &'a str,
-    h: &'a BTreeMap<String, String>,
+    map: BTreeMap<String, String>,
 }
 
-impl Reader<'_> {
+impl Fields<'_> {
     fn int(&self, field: &str) -> Result<Option<i64>, StoreError> {
-        self.h
+        self.map
             .get(field)
             .map(|v| {
                 v.parse()
@@ -551,7 +530,94 @@ impl Reader<'_> {
 
     fn time(&self, field: &str) -> Result<Option<OffsetDateTime>, StoreError> {
         self.int(field)?
-            .map(|ms| from_millis(ms).ok_or_else(|| corrupt(self.key, field, "is not a time")))
+            .map(|ms| {
+                from_millis(ms)
+                    .ok_or_else(|| corrupt(self.key, field, &format!("{ms} is not a time")))
+            })
             .transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_reads_human_durations_and_rejects_unknown_fields() {
+        let c: ProfileConfig = serde_json::from_str(
+            r#"{"dedupe_window": "1day", "redis_timeout": "250ms",
+                "lifecycle": {"new_for": "7d"}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.dedupe_window, Duration::from_secs(86_400));
+        assert_eq!(c.redis_timeout, Duration::from_millis(250));
+        assert_eq!(c.lifecycle.new_for, Duration::from_secs(7 * 86_400));
+        assert_eq!(c.lifecycle.dormant_after, Duration::from_secs(30 * 86_400));
+        assert_eq!(c.dedupe_max_ids, 10_000);
+        let err = serde_json::from_str::<ProfileConfig>(r#"{"dedupe_windows": "1d"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.starts_with("unknown field `dedupe_windows`"), "{err}");
+    }
+
+    #[test]
+    fn validation_names_the_setting() {
+        assert_eq!(ProfileConfig::default().validate(), Ok(()));
+        let c = ProfileConfig {
+            recently_viewed_max: 0,
+            ..ProfileConfig::default()
+        };
+        assert_eq!(
+            c.validate().unwrap_err().to_string(),
+            "recently_viewed_max must be greater than zero"
+        );
+        let mut c = ProfileConfig::default();
+        c.lifecycle.churned_after = Duration::from_secs(86_400);
+        assert_eq!(
+            c.validate().unwrap_err().to_string(),
+            "lifecycle.dormant_after (30d) must be less than lifecycle.churned_after (1d)"
+        );
+    }
+
+    #[test]
+    fn script_errors_become_typed_errors() {
+        let reply = redis::make_extension_error(
+            "CORRUPT".into(),
+            Some(
+                r#"{"key":"profile:{u:a b}","field":"Signed Up","detail":"\"x\" is not a count"}"#
+                    .into(),
+            ),
+        );
+        match StoreError::from(reply) {
+            StoreError::Corrupt { key, field, detail } => {
+                assert_eq!(key, "profile:{u:a b}");
+                assert_eq!(field, "Signed Up");
+                assert_eq!(detail, "\"x\" is not a count");
+            }
+            other => panic!("{other:?}"),
+        }
+        let loading = redis::make_extension_error("BUSY".into(), None);
+        assert!(matches!(
+            StoreError::from(loading),
+            StoreError::Unavailable(_)
+        ));
+        let refused = RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert!(matches!(
+            StoreError::from(refused),
+            StoreError::Unavailable(_)
+        ));
+    }
+
+    #[test]
+    fn scores_must_be_whole_counts() {
+        assert_eq!(whole(3.0), Some(3));
+        assert_eq!(whole(2.5), None);
+        assert_eq!(whole(f64::INFINITY), None);
+        assert_eq!(whole(f64::NAN), None);
+        let err = ranked("k", vec![("a".into(), -1.0)]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "corrupt data in k field a: -1 is not a count"
+        );
     }
 }

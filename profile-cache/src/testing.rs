@@ -1,8 +1,13 @@
 //! Private `redis-server` processes for tests and developer tools: started on a free port,
-//! waited for until they answer, killed on drop. They never touch a Redis they did not start.
+//! waited for until they answer, stopped on drop. Blocking (std only), so sync tools and
+//! async tests can both use them.
+//!
+//! They never talk to a Redis they did not start: the port must be free before the server
+//! starts, the server that answers must report our child's process id, and port 6379 (where
+//! a developer's own Redis lives) is refused outright.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -10,12 +15,29 @@ use std::time::{Duration, Instant};
 /// The command that installs `redis-server` on Debian and Ubuntu.
 pub const INSTALL_HINT: &str = "sudo apt-get install -y redis-server";
 
+/// The port of a developer's own Redis, never used here.
+pub const DEFAULT_REDIS_PORT: u16 = 6379;
+
+/// How long a server may take to answer `PING` (loading an append-only file included).
+const READY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a persistent server may take to write its data and exit on drop.
+const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Why a server could not be started.
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     /// `redis-server` is not installed.
     #[error("redis-server not found; install it with: {INSTALL_HINT}")]
     NotInstalled,
+    /// The port is taken (or is 6379, which belongs to a developer's own Redis).
+    #[error("port {port} is not free for a private redis-server: {detail}")]
+    PortTaken {
+        /// The port.
+        port: u16,
+        /// Why.
+        detail: String,
+    },
     /// Starting or reaching the process failed.
     #[error("redis-server on port {port}: {detail}")]
     Start {
@@ -26,40 +48,84 @@ pub enum ServerError {
     },
 }
 
-/// A running `redis-server`, killed (and reaped) on drop.
+/// A running `redis-server` on 127.0.0.1, stopped (and reaped) on drop.
+#[derive(Debug)]
 pub struct RedisServer {
     child: Child,
     port: u16,
-    _dir: Option<tempfile::TempDir>,
+    dir: PathBuf,
+    persistent: bool,
+    /// Set once the server on `port` proved to be our child: only then is it sent SHUTDOWN.
+    verified: bool,
+    _temp: Option<tempfile::TempDir>,
 }
 
 impl RedisServer {
-    /// Starts a throwaway server on a free port, in a temporary directory, persisting nothing.
+    /// Starts a throwaway server on a free port, in a temporary directory, persisting nothing
+    /// (`--save '' --appendonly no`). Killed and its directory removed on drop.
     ///
     /// # Errors
     /// [`ServerError::NotInstalled`], or the server did not answer within 10 s.
     pub fn start() -> Result<Self, ServerError> {
-        let dir = tempfile::tempdir().map_err(|e| start_error(0, e))?;
-        let port = free_port().map_err(|e| start_error(0, e))?;
-        let args = ["--save", "", "--appendonly", "no"];
-        let mut server = Self::spawn(dir.path(), port, &args)?;
-        server._dir = Some(dir);
-        Ok(server)
+        Self::start_program("redis-server")
+    }
+
+    fn start_program(program: &str) -> Result<Self, ServerError> {
+        // Another process may take the free port before redis-server binds it: then try
+        // another one.
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let temp = tempfile::tempdir().map_err(|e| start_error(0, &e))?;
+            let port = free_port().map_err(|e| start_error(0, &e))?;
+            let args = ["--save", "", "--appendonly", "no"];
+            match Self::spawn(program, temp.path(), port, &args, false) {
+                Ok(mut server) => {
+                    server._temp = Some(temp);
+                    return Ok(server);
+                }
+                Err(ServerError::PortTaken { .. }) if attempts < 5 => continue,
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Starts a server on `port` that keeps its data (append-only file) in `dir`, so a
-    /// restart finds it again. Used by `cargo xtask demo` and by restart tests.
+    /// restart on the same directory finds it again. Used by `cargo xtask demo` and restart
+    /// tests. On drop it is asked to `SHUTDOWN` (writing its data), then killed if it has
+    /// not exited within 5 s.
     ///
     /// # Errors
-    /// As [`RedisServer::start`].
+    /// [`ServerError::PortTaken`] when `port` is in use or is 6379, otherwise as
+    /// [`RedisServer::start`].
     pub fn start_with_dir(dir: &Path, port: u16) -> Result<Self, ServerError> {
-        std::fs::create_dir_all(dir).map_err(|e| start_error(port, e))?;
-        Self::spawn(dir, port, &["--save", "", "--appendonly", "yes"])
+        std::fs::create_dir_all(dir).map_err(|e| start_error(port, &e))?;
+        let args = ["--save", "", "--appendonly", "yes"];
+        Self::spawn("redis-server", dir, port, &args, true)
     }
 
-    fn spawn(dir: &Path, port: u16, extra: &[&str]) -> Result<Self, ServerError> {
+    fn spawn(
+        program: &str,
+        dir: &Path,
+        port: u16,
+        extra: &[&str],
+        persistent: bool,
+    ) -> Result<Self, ServerError> {
+        if port == DEFAULT_REDIS_PORT {
+            return Err(ServerError::PortTaken {
+                port,
+                detail: "6379 is left to the developer's own Redis".into(),
+            });
+        }
+        // Checked first, so nothing below ever talks to a server someone else runs.
+        if let Err(e) = TcpListener::bind((Ipv4Addr::LOCALHOST, port)) {
+            return Err(ServerError::PortTaken {
+                port,
+                detail: e.to_string(),
+            });
+        }
         let log = dir.join("redis.log");
-        let mut cmd = Command::new("redis-server");
+        let mut cmd = Command::new(program);
         cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .arg("--dir")
             .arg(dir)
@@ -74,34 +140,65 @@ impl RedisServer {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(ServerError::NotInstalled);
             }
-            Err(e) => return Err(start_error(port, e)),
+            Err(e) => return Err(start_error(port, &e)),
         };
         let mut server = RedisServer {
             child,
             port,
-            _dir: None,
+            dir: dir.to_path_buf(),
+            persistent,
+            verified: false,
+            _temp: None,
         };
+        // On error `server` drops here, which kills the child.
         server.wait_ready(&log)?;
         Ok(server)
     }
 
-    fn wait_ready(&mut self, log: &PathBuf) -> Result<(), ServerError> {
-        let deadline = Instant::now() + Duration::from_secs(10);
+    fn wait_ready(&mut self, log: &Path) -> Result<(), ServerError> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let pid = self.child.id();
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
+                let tail = tail(log);
+                // Someone bound the port between our check and the server's start.
+                if tail.contains("Address already in use") {
+                    return Err(ServerError::PortTaken {
+                        port: self.port,
+                        detail: tail,
+                    });
+                }
                 return Err(ServerError::Start {
                     port: self.port,
-                    detail: format!("exited with {status}: {}", tail(log)),
+                    detail: format!("exited with {status}: {tail}"),
                 });
             }
-            if ping(self.port) {
+            if !self.verified {
+                // Not answering yet, or still loading its data.
+                let info = request(self.port, "INFO server").unwrap_or_default();
+                match info_pid(&info) {
+                    Some(p) if p == pid => self.verified = true,
+                    Some(p) => {
+                        return Err(ServerError::PortTaken {
+                            port: self.port,
+                            detail: format!("answered by another redis-server (pid {p})"),
+                        });
+                    }
+                    None => {}
+                }
+            }
+            if self.verified && request(self.port, "PING").is_ok_and(|r| r == "+PONG") {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
         Err(ServerError::Start {
             port: self.port,
-            detail: format!("did not answer PING within 10 s: {}", tail(log)),
+            detail: format!(
+                "did not answer PING within {} s: {}",
+                READY_TIMEOUT.as_secs(),
+                tail(log)
+            ),
         })
     }
 
@@ -114,35 +211,70 @@ impl RedisServer {
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
+
+    /// The directory holding its data and `redis.log`.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
 }
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
+        if self.persistent && self.verified && matches!(self.child.try_wait(), Ok(None)) {
+            // SHUTDOWN writes the append-only file; the connection closes without a reply.
+            let _ = request(self.port, "SHUTDOWN");
+            let deadline = Instant::now() + SHUTDOWN_TIMEOUT;
+            while Instant::now() < deadline && matches!(self.child.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }
 
-/// A port that was free a moment ago.
+/// A port on 127.0.0.1 that was free a moment ago.
 ///
 /// # Errors
 /// The OS gave no port.
 pub fn free_port() -> std::io::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?
+        .local_addr()?
+        .port())
 }
 
-fn ping(port: u16) -> bool {
-    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
-    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
-    if s.write_all(b"PING\r\n").is_err() {
-        return false;
-    }
+/// Sends one inline command and reads one reply: a status or error line, or the text of a
+/// bulk string.
+fn request(port: u16, command: &str) -> std::io::Result<String> {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let timeout = Duration::from_millis(500);
+    let mut stream = TcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    stream.write_all(format!("{command}\r\n").as_bytes())?;
+    let mut reader = BufReader::new(stream);
     let mut line = String::new();
-    BufReader::new(s).read_line(&mut line).is_ok() && line.starts_with("+PONG")
+    reader.read_line(&mut line)?;
+    let line = line.trim_end();
+    let Some(len) = line.strip_prefix('$') else {
+        return Ok(line.to_string());
+    };
+    let len: usize = len
+        .parse()
+        .map_err(|_| std::io::Error::other(format!("bad bulk length {len:?}")))?;
+    let mut body = vec![0; len];
+    reader.read_exact(&mut body)?;
+    Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
+/// `process_id` from an `INFO server` reply.
+fn info_pid(info: &str) -> Option<u32> {
+    info.lines()
+        .find_map(|l| l.strip_prefix("process_id:"))
+        .and_then(|p| p.trim().parse().ok())
+}
+
+/// The last lines of the server's log, for error messages.
 fn tail(log: &Path) -> String {
     let mut text = String::new();
     if let Ok(mut f) = std::fs::File::open(log) {
@@ -152,9 +284,46 @@ fn tail(log: &Path) -> String {
     lines.into_iter().rev().collect::<Vec<_>>().join(" | ")
 }
 
-fn start_error(port: u16, e: std::io::Error) -> ServerError {
+fn start_error(port: u16, e: &std::io::Error) -> ServerError {
     ServerError::Start {
         port,
         detail: e.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_redis_server_says_how_to_install_it() {
+        let err = RedisServer::start_program("redis-server-not-installed-here").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "redis-server not found; install it with: sudo apt-get install -y redis-server"
+        );
+    }
+
+    #[test]
+    fn port_6379_and_taken_ports_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = RedisServer::start_with_dir(dir.path(), 6379).unwrap_err();
+        assert!(
+            matches!(err, ServerError::PortTaken { port: 6379, .. }),
+            "{err}"
+        );
+        let taken = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let port = taken.local_addr().unwrap().port();
+        let err = RedisServer::start_with_dir(dir.path(), port).unwrap_err();
+        assert!(matches!(err, ServerError::PortTaken { .. }), "{err}");
+    }
+
+    #[test]
+    fn info_names_the_process() {
+        assert_eq!(
+            info_pid("# Server\r\nredis_version:7.0.15\r\nprocess_id:4242\r\n"),
+            Some(4242)
+        );
+        assert_eq!(info_pid("-LOADING Redis is loading"), None);
     }
 }

@@ -102,10 +102,8 @@ origins = ["{ORIGIN}"]
     fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
-            if let Ok(res) = reqwest::blocking::get(self.url("/readyz")) {
-                if res.status() == 200 {
-                    return;
-                }
+            if reqwest::blocking::get(self.url("/readyz")).is_ok_and(|r| r.status() == 200) {
+                return;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
