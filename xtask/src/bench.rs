@@ -1,6 +1,7 @@
-//! `bench`: the release collector on a throwaway Redis under `loadgen`, then the same events
-//! written by `loadgen --raw-redis` straight into the same (flushed) Redis as a baseline, and
-//! the ratio of the two throughputs.
+//! `bench`: the release collector on a throwaway Redis under `loadgen`; then the same events
+//! applied by `loadgen --store` (the collector's code and script, no HTTP) and written by
+//! `loadgen --raw-redis` (plain pipelined commands, the baseline) into the same, flushed
+//! Redis; and the ratios of the throughputs.
 
 use std::ffi::OsString;
 use std::net::SocketAddr;
@@ -87,6 +88,16 @@ pub fn run(loadgen_args: &[OsString]) -> anyhow::Result<()> {
     }
 
     flush_all(&redis_url)?;
+    eprintln!("\n== store: loadgen -> profile-cache script -> redis (no HTTP) ==");
+    let store = run_loadgen(
+        Command::new(&loadgen)
+            .arg("--store")
+            .arg(&redis_url)
+            .args(loadgen_args),
+    )
+    .context("store run")?;
+
+    flush_all(&redis_url)?;
     eprintln!("\n== baseline: loadgen -> redis, plain pipelined commands ==");
     let raw = run_loadgen(
         Command::new(&loadgen)
@@ -97,12 +108,27 @@ pub fn run(loadgen_args: &[OsString]) -> anyhow::Result<()> {
     .context("raw redis run")?;
 
     println!("collector: {}", collector.line);
+    println!("store:     {}", store.line);
     println!("raw redis: {}", raw.line);
+    let ratio = |a: &LoadgenResult, b: &LoadgenResult| {
+        format!(
+            "{:.0} / {:.0} = {:.2}",
+            a.events_per_sec,
+            b.events_per_sec,
+            a.events_per_sec / b.events_per_sec.max(f64::MIN_POSITIVE)
+        )
+    };
     println!(
-        "collector / raw redis events per second: {:.0} / {:.0} = {:.2}",
-        collector.events_per_sec,
-        raw.events_per_sec,
-        collector.events_per_sec / raw.events_per_sec.max(f64::MIN_POSITIVE)
+        "collector / raw redis events per second: {}",
+        ratio(&collector, &raw)
+    );
+    println!(
+        "store (script) / raw redis events per second: {}",
+        ratio(&store, &raw)
+    );
+    println!(
+        "collector / store events per second: {}",
+        ratio(&collector, &store)
     );
     drop(redis);
     Ok(())

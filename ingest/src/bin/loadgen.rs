@@ -26,13 +26,17 @@ struct Args {
     /// The collector's batch endpoint, e.g. http://127.0.0.1:8080/v1/fb.
     #[arg(
         long,
-        required_unless_present = "raw_redis",
-        conflicts_with = "raw_redis"
+        required_unless_present_any = ["raw_redis", "store"],
+        conflicts_with_all = ["raw_redis", "store"]
     )]
     url: Option<String>,
     /// Write the events straight to this Redis with plain pipelined commands instead.
-    #[arg(long, value_name = "REDIS_URL")]
+    #[arg(long, value_name = "REDIS_URL", conflicts_with = "store")]
     raw_redis: Option<String>,
+    /// Apply the events to this Redis through the collector's own code (batch to profile
+    /// updates, then the profile store's script), without HTTP.
+    #[arg(long, value_name = "REDIS_URL")]
+    store: Option<String>,
     /// The write key put in every batch.
     #[arg(long, default_value = "demo")]
     write_key: String,
@@ -93,12 +97,18 @@ async fn run(args: Args) -> anyhow::Result<stats::Summary> {
         started.elapsed().as_secs_f64()
     );
     let concurrency = args.concurrency as usize;
-    match (&args.url, &args.raw_redis) {
-        (Some(url), _) => http::run(url, batches, concurrency).await,
-        (None, Some(redis_url)) => raw::run(redis_url, batches, concurrency)
+    if let Some(url) = &args.url {
+        http::run(url, batches, concurrency).await
+    } else if let Some(redis_url) = &args.raw_redis {
+        raw::run(redis_url, batches, concurrency)
             .await
-            .context("raw redis mode"),
-        (None, None) => unreachable!("clap requires --url or --raw-redis"),
+            .context("raw redis mode")
+    } else if let Some(redis_url) = &args.store {
+        store::run(redis_url, batches, concurrency)
+            .await
+            .context("store mode")
+    } else {
+        anyhow::bail!("one of --url, --raw-redis or --store is required")
     }
 }
 
@@ -808,6 +818,93 @@ mod http {
 
     fn micros(d: Duration) -> u32 {
         u32::try_from(d.as_micros()).unwrap_or(u32::MAX)
+    }
+}
+
+mod store {
+    //! Store mode: the collector's work without HTTP. Each batch goes through
+    //! `ingest::pipeline::prepare` and `RedisProfiles::apply` (one script call per profile,
+    //! dedupe included), from `concurrency` tasks sharing one multiplexed connection as the
+    //! collector does. Set against raw mode, it prices the script; against the collector,
+    //! it prices HTTP and decoding.
+
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Instant;
+
+    use anyhow::Context as _;
+    use profile_cache::{ProfileConfig, RedisProfiles};
+    use time::OffsetDateTime;
+    use wire::Batch;
+
+    use crate::stats::{Counters, Summary};
+
+    /// Applies every batch and reports.
+    ///
+    /// # Errors
+    /// Redis cannot be reached.
+    pub async fn run(
+        url: &str,
+        batches: Vec<Batch>,
+        concurrency: usize,
+    ) -> anyhow::Result<Summary> {
+        let total: u64 = batches.iter().map(|b| b.events.len() as u64).sum();
+        let store = RedisProfiles::connect(url, ProfileConfig::default())
+            .await
+            .with_context(|| format!("connecting to {url}"))?;
+        eprintln!("loadgen: applying {} batches to {url}", batches.len());
+        let batches = Arc::new(batches);
+        let counters = Arc::new(Counters::default());
+        let next = Arc::new(AtomicUsize::new(0));
+        let progress = crate::stats::spawn_progress(counters.clone(), total);
+        let started = Instant::now();
+        let workers: Vec<_> = (0..concurrency)
+            .map(|_| {
+                let (store, batches) = (store.clone(), batches.clone());
+                let (counters, next) = (counters.clone(), next.clone());
+                tokio::spawn(async move {
+                    let mut latencies = Vec::new();
+                    let mut reported = false;
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(batch) = batches.get(i) else { break };
+                        let events = batch.events.len() as u64;
+                        Counters::add(&counters.sent, events);
+                        let t = Instant::now();
+                        let result = match ingest::pipeline::prepare(
+                            batch.clone(),
+                            OffsetDateTime::now_utc(),
+                        ) {
+                            Ok(prepared) => store
+                                .apply(&prepared.updates)
+                                .await
+                                .map(|r| r.applied + r.duplicates)
+                                .map_err(|e| e.to_string()),
+                            Err(e) => Err(format!("{}: {}", e.field, e.problem)),
+                        };
+                        latencies.push(u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX));
+                        match result {
+                            Ok(acked) => Counters::add(&counters.acked, acked),
+                            Err(err) => {
+                                Counters::add(&counters.errors, 1);
+                                if !reported {
+                                    eprintln!("loadgen: batch {i}: {err}");
+                                    reported = true;
+                                }
+                            }
+                        }
+                    }
+                    latencies
+                })
+            })
+            .collect();
+        let mut latencies = Vec::new();
+        for worker in workers {
+            latencies.extend(worker.await?);
+        }
+        let elapsed = started.elapsed();
+        progress.abort();
+        Ok(Summary::new(&counters, latencies, elapsed))
     }
 }
 
