@@ -627,6 +627,68 @@ mod stats {
         (x * f).round() / f
     }
 
+    /// Runs `apply` over every batch from one task per context (a connection, a store),
+    /// timing each call; `apply` returns the events acknowledged or an error, reported once
+    /// per task.
+    pub async fn drive<C, F, Fut>(
+        batches: Vec<wire::Batch>,
+        contexts: Vec<C>,
+        apply: F,
+    ) -> anyhow::Result<Summary>
+    where
+        C: Clone + Send + 'static,
+        F: Fn(C, wire::Batch) -> Fut + Clone + Send + 'static,
+        Fut: std::future::Future<Output = Result<u64, String>> + Send,
+    {
+        use std::sync::Arc;
+        use std::sync::atomic::AtomicUsize;
+
+        let total: u64 = batches.iter().map(|b| b.events.len() as u64).sum();
+        let batches = Arc::new(batches);
+        let counters = Arc::new(Counters::default());
+        let next = Arc::new(AtomicUsize::new(0));
+        let progress = spawn_progress(counters.clone(), total);
+        let started = std::time::Instant::now();
+        let workers: Vec<_> = contexts
+            .into_iter()
+            .map(|ctx| {
+                let (batches, counters, next) = (batches.clone(), counters.clone(), next.clone());
+                let apply = apply.clone();
+                tokio::spawn(async move {
+                    let mut latencies = Vec::new();
+                    let mut reported = false;
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(batch) = batches.get(i) else { break };
+                        Counters::add(&counters.sent, batch.events.len() as u64);
+                        let batch = batch.clone();
+                        let t = std::time::Instant::now();
+                        let result = apply(ctx.clone(), batch).await;
+                        latencies.push(u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX));
+                        match result {
+                            Ok(acked) => Counters::add(&counters.acked, acked),
+                            Err(err) => {
+                                Counters::add(&counters.errors, 1);
+                                if !reported {
+                                    eprintln!("loadgen: batch {i}: {err}");
+                                    reported = true;
+                                }
+                            }
+                        }
+                    }
+                    latencies
+                })
+            })
+            .collect();
+        let mut latencies = Vec::new();
+        for worker in workers {
+            latencies.extend(worker.await?);
+        }
+        let elapsed = started.elapsed();
+        progress.abort();
+        Ok(Summary::new(&counters, latencies, elapsed))
+    }
+
     /// Prints progress on stderr every two seconds until aborted.
     pub fn spawn_progress(
         counters: std::sync::Arc<Counters>,
@@ -828,16 +890,12 @@ mod store {
     //! collector does. Set against raw mode, it prices the script; against the collector,
     //! it prices HTTP and decoding.
 
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::time::Instant;
-
     use anyhow::Context as _;
     use profile_cache::{ProfileConfig, RedisProfiles};
     use time::OffsetDateTime;
     use wire::Batch;
 
-    use crate::stats::{Counters, Summary};
+    use crate::stats::Summary;
 
     /// Applies every batch and reports.
     ///
@@ -848,63 +906,24 @@ mod store {
         batches: Vec<Batch>,
         concurrency: usize,
     ) -> anyhow::Result<Summary> {
-        let total: u64 = batches.iter().map(|b| b.events.len() as u64).sum();
         let store = RedisProfiles::connect(url, ProfileConfig::default())
             .await
             .with_context(|| format!("connecting to {url}"))?;
         eprintln!("loadgen: applying {} batches to {url}", batches.len());
-        let batches = Arc::new(batches);
-        let counters = Arc::new(Counters::default());
-        let next = Arc::new(AtomicUsize::new(0));
-        let progress = crate::stats::spawn_progress(counters.clone(), total);
-        let started = Instant::now();
-        let workers: Vec<_> = (0..concurrency)
-            .map(|_| {
-                let (store, batches) = (store.clone(), batches.clone());
-                let (counters, next) = (counters.clone(), next.clone());
-                tokio::spawn(async move {
-                    let mut latencies = Vec::new();
-                    let mut reported = false;
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(batch) = batches.get(i) else { break };
-                        let events = batch.events.len() as u64;
-                        Counters::add(&counters.sent, events);
-                        let t = Instant::now();
-                        let result = match ingest::pipeline::prepare(
-                            batch.clone(),
-                            OffsetDateTime::now_utc(),
-                        ) {
-                            Ok(prepared) => store
-                                .apply(&prepared.updates)
-                                .await
-                                .map(|r| r.applied + r.duplicates)
-                                .map_err(|e| e.to_string()),
-                            Err(e) => Err(format!("{}: {}", e.field, e.problem)),
-                        };
-                        latencies.push(u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX));
-                        match result {
-                            Ok(acked) => Counters::add(&counters.acked, acked),
-                            Err(err) => {
-                                Counters::add(&counters.errors, 1);
-                                if !reported {
-                                    eprintln!("loadgen: batch {i}: {err}");
-                                    reported = true;
-                                }
-                            }
-                        }
-                    }
-                    latencies
-                })
-            })
-            .collect();
-        let mut latencies = Vec::new();
-        for worker in workers {
-            latencies.extend(worker.await?);
-        }
-        let elapsed = started.elapsed();
-        progress.abort();
-        Ok(Summary::new(&counters, latencies, elapsed))
+        crate::stats::drive(
+            batches,
+            vec![store; concurrency],
+            |store, batch| async move {
+                let prepared = ingest::pipeline::prepare(batch, OffsetDateTime::now_utc())
+                    .map_err(|e| format!("{}: {}", e.field, e.problem))?;
+                let report = store
+                    .apply(&prepared.updates)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(report.applied + report.duplicates)
+            },
+        )
+        .await
     }
 }
 
@@ -919,17 +938,14 @@ mod raw {
     //! MAXLEN ~` with an event JSON like the collector's. Per profile and batch: `HSET` id
     //! and first/last seen, `SADD` ids, trim recently viewed.
 
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    use std::time::{Duration, Instant};
-
     use anyhow::Context as _;
     use profile_cache::keys::{EVENT_STREAM, ProfileKeys};
     use profile_cache::{ProfileConfig, ProfileId};
     use serde_json::json;
+    use std::sync::Arc;
     use wire::{Batch, Event, EventKind};
 
-    use crate::stats::{Counters, Summary};
+    use crate::stats::Summary;
 
     /// Writes every batch to Redis at `url` and reports.
     ///
@@ -940,7 +956,6 @@ mod raw {
         batches: Vec<Batch>,
         concurrency: usize,
     ) -> anyhow::Result<Summary> {
-        let total: u64 = batches.iter().map(|b| b.events.len() as u64).sum();
         let client = redis::Client::open(url).with_context(|| format!("redis url {url}"))?;
         let mut connections = Vec::with_capacity(concurrency);
         for _ in 0..concurrency {
@@ -953,51 +968,18 @@ mod raw {
         }
         eprintln!("loadgen: writing {} batches to {url}", batches.len());
         let config = Arc::new(ProfileConfig::default());
-        let batches = Arc::new(batches);
-        let counters = Arc::new(Counters::default());
-        let next = Arc::new(AtomicUsize::new(0));
-        let progress = crate::stats::spawn_progress(counters.clone(), total);
-        let started = Instant::now();
-        let workers: Vec<_> = connections
-            .into_iter()
-            .map(|mut con| {
-                let (batches, counters, next) = (batches.clone(), counters.clone(), next.clone());
-                let config = config.clone();
-                tokio::spawn(async move {
-                    let mut latencies = Vec::new();
-                    let mut reported = false;
-                    loop {
-                        let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some(batch) = batches.get(i) else { break };
-                        let events = batch.events.len() as u64;
-                        Counters::add(&counters.sent, events);
-                        let t = Instant::now();
-                        // Built in the timed section: the collector builds its calls too.
-                        let pipe = pipeline(batch, &config, now_ms());
-                        let result = pipe.query_async::<()>(&mut con).await;
-                        latencies.push(micros(t.elapsed()));
-                        match result {
-                            Ok(()) => Counters::add(&counters.acked, events),
-                            Err(err) => {
-                                Counters::add(&counters.errors, 1);
-                                if !reported {
-                                    eprintln!("loadgen: batch {i}: {err}");
-                                    reported = true;
-                                }
-                            }
-                        }
-                    }
-                    latencies
-                })
-            })
-            .collect();
-        let mut latencies = Vec::new();
-        for worker in workers {
-            latencies.extend(worker.await?);
-        }
-        let elapsed = started.elapsed();
-        progress.abort();
-        Ok(Summary::new(&counters, latencies, elapsed))
+        crate::stats::drive(batches, connections, move |mut con, batch| {
+            let config = config.clone();
+            async move {
+                // Built in the timed section: the collector builds its calls too.
+                let pipe = pipeline(&batch, &config, now_ms());
+                pipe.query_async::<()>(&mut con)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(batch.events.len() as u64)
+            }
+        })
+        .await
     }
 
     /// The profile an event belongs to, and its user id if known, by the collector's rule:
@@ -1233,10 +1215,6 @@ mod raw {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as i64)
-    }
-
-    fn micros(d: Duration) -> u32 {
-        u32::try_from(d.as_micros()).unwrap_or(u32::MAX)
     }
 }
 
