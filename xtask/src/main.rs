@@ -12,6 +12,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod browser;
 mod demo;
 mod gen_wire;
 mod process;

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 
+use crate::browser;
 use crate::process;
 use crate::tools;
 use crate::workspace::Workspace;
@@ -57,6 +58,10 @@ const STEPS: &[Step] = &[
             ];
             process::run(ws.cargo().args(args))
         },
+    },
+    Step {
+        name: "browser test tools (chromium, node, npm ci)",
+        run: |ws, _| browser::prepare(ws),
     },
     Step {
         name: "cargo build -p ingest --bins",

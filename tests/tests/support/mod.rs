@@ -61,7 +61,7 @@ impl Ingest {
         Self::start_with(redis_url, "")
     }
 
-    /// As [`Ingest::start`], with extra TOML appended to the config.
+    /// As [`Ingest::start`], with extra TOML (top-level settings or tables) in the config.
     pub fn start_with(redis_url: &str, extra_toml: &str) -> Ingest {
         let port = free_port();
         let mut config = tempfile::NamedTempFile::new().unwrap();
@@ -72,10 +72,10 @@ listen = "127.0.0.1:{port}"
 redis_url = "{redis_url}"
 api_tokens = ["{TOKEN}"]
 shutdown_timeout = "5s"
+{extra_toml}
 [[write_keys]]
 key = "{WRITE_KEY}"
 origins = ["{ORIGIN}"]
-{extra_toml}
 "#
         )
         .unwrap();
