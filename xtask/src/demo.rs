@@ -1,5 +1,6 @@
-//! `demo`: the release collector with the demo config and a private persistent Redis, until
-//! Ctrl-C; then the collector is stopped (SIGTERM, in-flight requests finish) before Redis.
+//! `demo`: the tracker built into `www/t/`, then the release collector with the demo config
+//! and a private persistent Redis, until Ctrl-C; then the collector is stopped (SIGTERM,
+//! in-flight requests finish) before Redis.
 
 use std::net::{SocketAddr, TcpListener};
 use std::process::{Command, Stdio};
@@ -8,6 +9,7 @@ use std::time::Duration;
 use anyhow::{Context as _, bail};
 use profile_cache::testing::RedisServer;
 
+use crate::build_tracker;
 use crate::process::{self, Interrupt, Service};
 use crate::tools;
 use crate::workspace::Workspace;
@@ -44,6 +46,8 @@ pub fn run() -> anyhow::Result<()> {
         );
     }
 
+    let tracker = build_tracker::build(&ws)?;
+    build_tracker::print_sizes(&tracker);
     process::run(
         ws.cargo()
             .args(["build", "--release", "-p", "ingest", "--bin", "ingest"]),

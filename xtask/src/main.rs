@@ -1,6 +1,7 @@
 //! `cargo xtask`: the project's tasks, in Rust so they run the same on every machine.
 //!
 //! - [`gen_wire`]: regenerate (or check) the FlatBuffers code checked in under `wire`.
+//! - [`build_tracker`]: the browser tracker into `www/t/`, with its gzip sizes.
 //! - [`demo`]: the collector and a private Redis, serving the demo shop until Ctrl-C.
 //! - [`test`]: every test suite, in order, with the binaries the end-to-end tests start.
 //! - [`bench`]: the collector under load, next to a raw Redis baseline.
@@ -13,6 +14,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod browser;
+mod build_tracker;
 mod demo;
 mod gen_wire;
 mod process;
@@ -41,12 +43,22 @@ enum Task {
         #[arg(long)]
         check: bool,
     },
-    /// Run the collector and a private Redis at http://127.0.0.1:8080 until Ctrl-C.
+    /// Build the browser tracker into www/t/ and print its gzip -9 sizes.
+    ///
+    /// Installs what it needs under target/tools on first use: the wasm32 target,
+    /// wasm-bindgen-cli matching the wasm-bindgen crate, wasm-opt and terser from npm.
+    BuildTracker {
+        /// Also fail when the files are over the size budget (as `cargo xtask test` does).
+        #[arg(long)]
+        check: bool,
+    },
+    /// Build the tracker, then run the collector and a private Redis at
+    /// http://127.0.0.1:8080 until Ctrl-C.
     ///
     /// Redis data is kept under target/demo/redis. With REDIS_URL set, that Redis is used
     /// instead and no redis-server is started.
     Demo,
-    /// Build the binaries, then run every test suite (end-to-end ones included).
+    /// Build the tracker and the binaries, then run every test suite (end-to-end ones included).
     Test,
     /// Measure the collector under load against a raw pipelined-Redis baseline.
     ///
@@ -63,6 +75,12 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.task {
         Task::GenWire { check } => gen_wire::run(check),
+        Task::BuildTracker { check } => build_tracker::run().and_then(|built| {
+            if check {
+                build_tracker::check_budget(&built)?;
+            }
+            Ok(())
+        }),
         Task::Demo => demo::run(),
         Task::Test => test::run(),
         Task::Bench { loadgen_args } => bench::run(&loadgen_args),

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, bail};
 
 use crate::browser;
+use crate::build_tracker;
 use crate::process;
 use crate::tools;
 use crate::workspace::Workspace;
@@ -62,6 +63,14 @@ const STEPS: &[Step] = &[
     Step {
         name: "browser test tools (chromium, node, npm ci)",
         run: |ws, _| browser::prepare(ws),
+    },
+    Step {
+        name: "build-tracker (www/t)",
+        run: |ws, _| {
+            let built = build_tracker::build(ws)?;
+            build_tracker::print_sizes(&built);
+            Ok(())
+        },
     },
     Step {
         name: "cargo build -p ingest --bins",

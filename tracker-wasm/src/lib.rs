@@ -1,0 +1,76 @@
+//! tracker-wasm: the browser tracker, Rust compiled to WebAssembly.
+//!
+//! A page embeds the snippet (`snippet.js`, under 1 KB minified), which defines `window.pz`
+//! with a call queue and loads `pz.js`: the wasm-bindgen glue plus a small loader
+//! (`js/loader.js`) that starts this module, replays the queue, checks the page's arguments,
+//! installs the page listeners and delivers batches. Each call reaches Rust as one text
+//! message ([`msg`]). Events pass through the consent gate into a bounded queue; the timer
+//! seals them into `wire` batches, which go to the collector with
+//! `fetch(..., {keepalive: true})`, or `sendBeacon` when the page goes away, and are retried
+//! with backoff until acknowledged.
+//!
+//! The pure core (no browser APIs, tested natively):
+//! - [`tracker`]: the state machine behind the API, with the browser behind [`Env`].
+//! - [`msg`]: the loader's text messages; [`api`]: settings and event parts within the
+//!   collector's limits.
+//! - [`consent`]: purposes, pending/granted/denied, the kind -> purpose table.
+//! - [`signals`]: Global Privacy Control, TCF v2.2 and Consent Mode v2 mapped to purposes.
+//! - [`queue`]: the bounded queue of unsealed events and sealed batches; [`batch`]: when to
+//!   seal, batch limits, restamping the send time of a retried batch.
+//! - [`backoff`]: what an answer means and how long to wait before retrying.
+//! - [`session`]: session ids; [`page`]: UTM parameters and page-view dedupe.
+//! - [`persist`]: localStorage keys, the stored queue format, tabs sharing storage.
+//! - [`fb`]: a small FlatBuffers writer for the `wire` schema; [`text`]: text without
+//!   `core::fmt`.
+//!
+//! On wasm32 a thin `shell` module binds it to the browser with wasm-bindgen and web-sys.
+//! There the crate is `no_std` with a small allocator and a panic handler that traps, so
+//! neither `std`'s panic machinery nor `core::fmt` ends up in the shipped file.
+//!
+//! # Consent signals
+//!
+//! | source | signal | our purposes |
+//! | --- | --- | --- |
+//! | Global Privacy Control | `navigator.globalPrivacyControl === true` | default: marketing denied (an explicit decision still wins) |
+//! | IAB TCF v2.2 (`__tcfapi('addEventListener', 2, cb)`) | `tcData.purpose.consents` when `eventStatus` is `tcloaded` or `useractioncomplete` and `gdprApplies` is not `false` | decision per purpose, granted only when every listed TCF purpose has consent: analytics = 1, 8, 9; personalization = 1, 5, 6; marketing = 1, 3, 4 |
+//! | Google Consent Mode v2 (`dataLayer` `['consent', 'default' \| 'update', params]`) | `analytics_storage` | analytics |
+//! | | `personalization_storage` | personalization |
+//! | | `ad_user_data` and `ad_personalization` | marketing: granted when both are granted, denied when either is denied |
+//! | | `default` command | sets defaults; `update` is a decision |
+//!
+//! Decisions (from `pz.consent`, TCF, Consent Mode `update`) are stored (`pz_c`) and each
+//! change is sent as a `consent_change` event (purpose necessary, with the source in property
+//! `source`). Defaults (`consentDefaults`, GPC, Consent Mode `default`) apply where nothing is
+//! decided and are not events. `necessary` is always granted.
+//!
+//! # Event kinds and purposes
+//!
+//! Each event needs its declared purpose and its kind's least purpose (the collector checks
+//! both): page, track, identify, alias, product and cart events, checkout and orders need
+//! analytics; consent changes need necessary. `init({purposes: {track: 'marketing'}})`
+//! declares another purpose for a kind.
+
+#![cfg_attr(target_arch = "wasm32", no_std)]
+
+extern crate alloc;
+
+pub mod api;
+pub mod backoff;
+pub mod batch;
+pub mod consent;
+pub mod fb;
+pub mod msg;
+pub mod page;
+pub mod persist;
+pub mod queue;
+pub mod session;
+pub mod signals;
+pub mod text;
+pub mod tracker;
+
+#[cfg(target_arch = "wasm32")]
+mod shell;
+
+pub use api::{ApiEvent, Config};
+pub use persist::Storage;
+pub use tracker::{Env, NO_TICK, Signal, Tracker};

@@ -1,0 +1,253 @@
+//! The loader's messages: one line of text per call, so a single wasm export (and the
+//! least JavaScript glue) carries the whole API.
+//!
+//! A message is fields separated by U+001F; its first field is the type. Lists inside a
+//! field separate their elements by U+001E and an element's parts by U+001D (the loader
+//! replaces those three characters in page data by spaces). Numbers are decimal integers,
+//! or `h` and the 16 hex digits of an IEEE 754 double for the rest.
+//!
+//! | type | fields |
+//! | --- | --- |
+//! | `i` init | writeKey, endpoint, referrer, locale, timezone, then the numbers of [`Config::new`] |
+//! | `e` event | kind (wire value), ts, name, userId, orderId, revenue, currency, properties (`key`, `s`/`n`/`b`, value), items (productId, category, price, quantity, name) |
+//! | `n` navigation | href, utm_source, utm_medium, utm_campaign, utm_term, utm_content |
+//! | `c` `pz.consent` | granted bits, denied bits |
+//! | `T` TCF | purpose bits |
+//! | `g` / `G` Consent Mode default / update | granted key bits, denied key bits |
+//! | `k` click | the `data-track` name |
+//! | `d` answer | seq, HTTP status (0: network error), Retry-After |
+//! | `t` timer, `h` hidden, `v` visible, `x` pagehide, `s` consent changed in another tab, `f` flush, `r` reset | none |
+
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use wire::EventKind;
+
+use crate::api::{self, ApiEvent, Config};
+use crate::consent::Update;
+use crate::tracker::Signal;
+
+/// A parsed message.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Msg {
+    /// `pz.init` with valid settings.
+    Init(Config),
+    /// Anything for [`crate::Tracker::signal`].
+    Signal(Signal),
+    /// The answer to request `seq`: status and `Retry-After`.
+    Done(u32, u16, Option<String>),
+}
+
+/// A number field: a decimal integer or `h` + 16 hex digits of a double; NaN otherwise.
+pub fn number(s: &str) -> f64 {
+    if let Some(hex) = s.strip_prefix('h') {
+        return u64::from_str_radix(hex, 16).map_or(f64::NAN, f64::from_bits);
+    }
+    let (neg, digits) = match s.strip_prefix('-') {
+        Some(d) => (true, d),
+        None => (false, s),
+    };
+    match crate::text::parse_u64(digits) {
+        Some(n) if neg => -(n as f64),
+        Some(n) => n as f64,
+        None => f64::NAN,
+    }
+}
+
+fn opt(s: &str) -> Option<&str> {
+    (!s.is_empty()).then_some(s)
+}
+
+/// Parses one message; `None` when it is not one.
+pub fn parse(msg: &str) -> Option<Msg> {
+    let f: Vec<&str> = msg.split('\u{1f}').collect();
+    let at = |i: usize| f.get(i).copied().unwrap_or("");
+    let n = |i| number(at(i));
+    let bits = |i| {
+        let v = n(i);
+        if (0.0..65536.0).contains(&v) {
+            v as u16
+        } else {
+            0
+        }
+    };
+    let text = |i| opt(at(i)).map(String::from);
+    let signal = match at(0) {
+        "i" => {
+            let numbers: Vec<f64> = f.iter().skip(6).map(|s| number(s)).collect();
+            let cfg = Config::new(at(1), at(2), at(3), opt(at(4)), opt(at(5)), &numbers)?;
+            return Some(Msg::Init(cfg));
+        }
+        "d" => return Some(Msg::Done(n(1) as u32, n(2) as u16, text(3))),
+        "e" => Signal::Event(event(&f)?),
+        "n" => Signal::Navigate(at(1).into(), [text(2), text(3), text(4), text(5), text(6)]),
+        "c" => Signal::Consent(Update {
+            grant: bits(1) as u8,
+            deny: bits(2) as u8 & !(bits(1) as u8),
+        }),
+        "T" => Signal::Tcf(bits(1)),
+        "g" | "G" => Signal::Gcm(at(0) == "G", bits(1) as u8, bits(2) as u8),
+        "k" => Signal::Click(at(1).into()),
+        "t" => Signal::Tick,
+        "h" => Signal::Hidden,
+        "v" => Signal::Visible,
+        "x" => Signal::PageHide,
+        "s" => Signal::ConsentSync,
+        "f" => Signal::Flush,
+        "r" => Signal::Reset,
+        _ => return None,
+    };
+    Some(Msg::Signal(signal))
+}
+
+fn event(f: &[&str]) -> Option<ApiEvent> {
+    let at = |i: usize| f.get(i).copied().unwrap_or("");
+    let kind = EventKind::from_u8(number(at(1)) as u8)?;
+    let mut e = ApiEvent {
+        kind,
+        ts: number(at(2)),
+        name: api::string(at(3)),
+        user_id: api::id(at(4)),
+        order_id: api::id(at(5)),
+        revenue: api::int(number(at(6))).unwrap_or(0),
+        currency: api::string(at(7)),
+        ..ApiEvent::default()
+    };
+    for p in at(8).split('\u{1e}').filter(|p| !p.is_empty()) {
+        let mut parts = p.split('\u{1d}');
+        let (key, kind, value) = (parts.next()?, parts.next()?, parts.next().unwrap_or(""));
+        let kind = match kind {
+            "s" => 0,
+            "n" => 1,
+            _ => 2,
+        };
+        let num = if kind == 2 {
+            f64::from(u8::from(value == "1"))
+        } else {
+            number(value)
+        };
+        if let Some(p) = api::property(key, kind, Some(value), num) {
+            api::push_property(&mut e.properties, p);
+        }
+    }
+    for line in at(9).split('\u{1e}').filter(|l| !l.is_empty()) {
+        let parts: Vec<&str> = line.split('\u{1d}').collect();
+        let part = |i: usize| parts.get(i).copied().unwrap_or("");
+        if let Some(i) = api::item(
+            part(0),
+            opt(part(1)),
+            number(part(2)),
+            number(part(3)),
+            opt(part(4)),
+        ) {
+            api::push_item(&mut e.items, i);
+        }
+    }
+    Some(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wire::{Item, Property, Value};
+
+    #[test]
+    fn numbers_are_integers_or_double_bits() {
+        assert_eq!(number("42"), 42.0);
+        assert_eq!(number("-7"), -7.0);
+        assert_eq!(number("h3ff8000000000000"), 1.5);
+        assert!(number("").is_nan());
+        assert!(number("1.5").is_nan());
+        assert!(number("hzz").is_nan());
+    }
+
+    #[test]
+    fn events_carry_properties_and_items() {
+        let msg = "e\u{1f}9\u{1f}1700000000000\u{1f}\u{1f}\u{1f}o-1\u{1f}5998\u{1f}EUR\u{1f}\
+                   coupon\u{1d}s\u{1d}SPRING\u{1e}gift\u{1d}b\u{1d}1\u{1e}rate\u{1d}n\u{1d}h3ff8000000000000\u{1f}\
+                   sku-1\u{1d}shoes\u{1d}2999\u{1d}2\u{1d}Runner\u{1e}\u{1d}\u{1d}1\u{1d}1\u{1d}";
+        let Some(Msg::Signal(Signal::Event(e))) = parse(msg) else {
+            panic!("not an event");
+        };
+        assert_eq!(e.kind, EventKind::OrderCompleted);
+        assert_eq!(e.ts, 1_700_000_000_000.0);
+        assert_eq!((e.name, e.user_id), (None, None));
+        assert_eq!(e.order_id.as_deref(), Some("o-1"));
+        assert_eq!((e.revenue, e.currency.as_deref()), (5998, Some("EUR")));
+        let prop = |key: &str, value| Property {
+            key: key.into(),
+            value,
+        };
+        assert_eq!(
+            e.properties,
+            [
+                prop("coupon", Value::String("SPRING".into())),
+                prop("gift", Value::Bool(true)),
+                prop("rate", Value::Float(1.5)),
+            ]
+        );
+        // The second item has no product id and is left out.
+        assert_eq!(
+            e.items,
+            [Item {
+                product_id: "sku-1".into(),
+                category: Some("shoes".into()),
+                price: 2999,
+                quantity: 2,
+                name: Some("Runner".into())
+            }]
+        );
+    }
+
+    #[test]
+    fn signals_and_answers_parse() {
+        let sig = |m: &str| match parse(m) {
+            Some(Msg::Signal(s)) => s,
+            other => panic!("{m:?}: {other:?}"),
+        };
+        assert_eq!(
+            sig("c\u{1f}6\u{1f}10"),
+            Signal::Consent(Update { grant: 6, deny: 8 })
+        );
+        assert_eq!(sig("G\u{1f}1\u{1f}4"), Signal::Gcm(true, 1, 4));
+        assert_eq!(sig("T\u{1f}898"), Signal::Tcf(898));
+        assert_eq!(sig("k\u{1f}hero-cta"), Signal::Click("hero-cta".into()));
+        assert_eq!(
+            sig("n\u{1f}https://shop.example/?utm_source=x\u{1f}x\u{1f}\u{1f}\u{1f}\u{1f}"),
+            Signal::Navigate(
+                "https://shop.example/?utm_source=x".into(),
+                [Some("x".into()), None, None, None, None]
+            )
+        );
+        assert_eq!(sig("t"), Signal::Tick);
+        assert_eq!(
+            parse("d\u{1f}3\u{1f}503\u{1f}30"),
+            Some(Msg::Done(3, 503, Some("30".into())))
+        );
+        assert_eq!(parse("d\u{1f}3\u{1f}0\u{1f}"), Some(Msg::Done(3, 0, None)));
+        assert_eq!(parse("?"), None);
+        assert_eq!(parse("e\u{1f}99"), None);
+    }
+
+    #[test]
+    fn init_reads_the_settings() {
+        let msg = "i\u{1f}demo\u{1f}/v1/fb\u{1f}https://ref.example/\u{1f}en-GB\u{1f}Europe/Berlin\u{1f}\
+                   20\u{1f}500\u{1f}30\u{1f}1\u{1f}2\u{1f}0\u{1f}0\u{1f}1\u{1f}1280\u{1f}800\u{1f}-1\u{1f}3";
+        let Some(Msg::Init(cfg)) = parse(msg) else {
+            panic!("not init");
+        };
+        assert_eq!(
+            (cfg.write_key.as_str(), cfg.endpoint.as_str()),
+            ("demo", "/v1/fb")
+        );
+        assert_eq!(cfg.referrer, "https://ref.example/");
+        assert_eq!(cfg.timezone.as_deref(), Some("Europe/Berlin"));
+        assert_eq!((cfg.policy.flush_at, cfg.policy.interval_ms), (20, 500.0));
+        assert_eq!(cfg.session_timeout, 30.0 * 60_000.0);
+        assert!(cfg.track_clicks && cfg.visible && !cfg.gpc);
+        assert_eq!(cfg.defaults, Update { grant: 2, deny: 0 });
+        assert_eq!(cfg.screen, (1280, 800));
+        assert_eq!(cfg.purposes[1], wire::Purpose::Marketing);
+        assert_eq!(parse("i\u{1f}\u{1f}/v1/fb"), None);
+    }
+}

@@ -1,0 +1,158 @@
+//! The browser shell (wasm32 only): the functions the loader calls, and [`Env`] on top of
+//! web-sys (localStorage, Web Crypto) and the loader's delivery function.
+//!
+//! Listeners, timers, `fetch` promises and checking the page's arguments live in the
+//! loader (`js/loader.js`): Rust closures handed to JavaScript, and reading arbitrary
+//! objects through reflection, cost far more wasm and glue than the few lines of script
+//! they replace.
+//!
+//! Exports: `start(host)`, `m(message)` (every API call and page event, as text: see
+//! [`msg`]) and `debug()`. A single text export needs far less glue than one export per
+//! call or reading JavaScript objects from Rust.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::cell::RefCell;
+
+use wasm_bindgen::prelude::*;
+
+use crate::msg::{self, Msg};
+use crate::persist::Storage;
+use crate::tracker::{Env, NO_TICK, Tracker};
+
+// wasm32-unknown-unknown without the atomics feature runs on one thread, which makes both
+// `unsafe` items below sound: nothing can observe the allocator or the state concurrently.
+#[global_allocator]
+#[allow(unsafe_code)]
+static ALLOC: lol_alloc::AssumeSingleThreaded<lol_alloc::FreeListAllocator> =
+    unsafe { lol_alloc::AssumeSingleThreaded::new(lol_alloc::FreeListAllocator::new()) };
+
+/// Traps. The loader catches the exception, so a bug never breaks the page; no message is
+/// formatted, which keeps `core::fmt` out of the binary.
+#[panic_handler]
+fn panic(_: &core::panic::PanicInfo<'_>) -> ! {
+    core::arch::wasm32::unreachable()
+}
+
+/// The browser side, from `start`; the tracker, from the `init` message.
+struct Global(RefCell<(Option<Browser>, Option<Tracker>)>);
+
+// SAFETY: see ALLOC: one thread.
+#[allow(unsafe_code)]
+unsafe impl Sync for Global {}
+
+static STATE: Global = Global(RefCell::new((None, None)));
+
+#[wasm_bindgen]
+extern "C" {
+    /// The loader's delivery object.
+    pub type Host;
+
+    /// Starts a POST (see [`Env::send`]).
+    #[wasm_bindgen(method, js_name = s)]
+    fn send(this: &Host, url: &str, body: &[u8], seq: u32) -> bool;
+}
+
+/// The browser side of [`Env`].
+struct Browser {
+    host: Host,
+    storage: Option<web_sys::Storage>,
+    crypto: Option<web_sys::Crypto>,
+}
+
+impl Storage for Browser {
+    fn get(&self, key: &str) -> Option<String> {
+        self.storage.as_ref()?.get_item(key).ok().flatten()
+    }
+
+    fn set(&mut self, key: &str, value: &str) -> bool {
+        self.storage
+            .as_ref()
+            .is_some_and(|s| s.set_item(key, value).is_ok())
+    }
+
+    fn remove(&mut self, key: &str) {
+        if let Some(s) = &self.storage {
+            let _ = s.remove_item(key);
+        }
+    }
+
+    fn keys(&self) -> Vec<String> {
+        let Some(s) = &self.storage else {
+            return Vec::new();
+        };
+        (0..s.length().unwrap_or(0))
+            .filter_map(|i| s.key(i).ok().flatten())
+            .collect()
+    }
+}
+
+impl Env for Browser {
+    fn now(&self) -> f64 {
+        js_sys::Date::now()
+    }
+
+    fn random(&mut self, buf: &mut [u8]) {
+        if let Some(c) = &self.crypto {
+            let _ = c.get_random_values_with_u8_array(buf);
+        }
+    }
+
+    fn send(&mut self, url: &str, body: &[u8], seq: u32) -> bool {
+        self.host.send(url, body, seq)
+    }
+}
+
+/// Binds the tracker to the page: `host.s(url, bytes, seq)` delivers batches.
+#[wasm_bindgen]
+pub fn start(host: Host) {
+    let window = web_sys::window();
+    let browser = Browser {
+        host,
+        // Throws (caught by web-sys) where storage is disabled; then the tracker keeps
+        // everything in memory.
+        storage: window
+            .as_ref()
+            .and_then(|w| w.local_storage().ok().flatten()),
+        crypto: window.as_ref().and_then(|w| w.crypto().ok()),
+    };
+    if let Ok(mut s) = STATE.0.try_borrow_mut() {
+        s.0 = Some(browser);
+    }
+}
+
+/// Handles one loader message (see [`msg`]); returns when the timer should fire next (ms),
+/// or -1 for no timer. Messages before `start`, other than `init` before `init`, and
+/// re-entrant ones (which the loader never sends) are ignored.
+#[wasm_bindgen]
+pub fn m(message: &str) -> f64 {
+    let Ok(mut state) = STATE.0.try_borrow_mut() else {
+        return NO_TICK;
+    };
+    let (Some(browser), tracker) = &mut *state else {
+        return NO_TICK;
+    };
+    match (msg::parse(message), tracker.as_mut()) {
+        (Some(Msg::Init(cfg)), None) => {
+            *tracker = Some(Tracker::new(cfg, browser));
+            0.0
+        }
+        (Some(Msg::Signal(s)), Some(t)) => t.signal(browser, s),
+        (Some(Msg::Done(seq, status, retry_after)), Some(t)) => {
+            t.done(browser, seq, status, retry_after.as_deref())
+        }
+        _ => NO_TICK,
+    }
+}
+
+/// The tracker's state as JSON (see [`Tracker::debug`]); `null` before `init`.
+#[wasm_bindgen]
+pub fn debug() -> String {
+    match STATE.0.try_borrow() {
+        Ok(s) => {
+            s.1.as_ref()
+                .map_or_else(|| String::from("null"), Tracker::debug)
+        }
+        Err(_) => String::from("null"),
+    }
+}

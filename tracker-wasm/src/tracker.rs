@@ -1,0 +1,751 @@
+//! The tracker: the loader's messages in, events through the consent gate into the queue,
+//! batches out, answers back. The browser is behind [`Env`], so the whole flow runs in
+//! native tests.
+//!
+//! Recording an event only queues it; sealing (encoding), storage writes and sending happen
+//! in [`Tracker::tick`], which the loader runs from a timer. Every entry point returns when
+//! the next tick is due ([`NO_TICK`] for none).
+
+use alloc::rc::Rc;
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use wire::{Context, Event, EventKind, Property, Value};
+
+use crate::api::{self, ApiEvent, Config};
+use crate::backoff::{self, Backoff, Outcome};
+use crate::batch;
+use crate::consent::{self, ANALYTICS, Consent, Gate, PERSONALIZATION, State, Update};
+use crate::page::PageViews;
+use crate::persist::{self, Header, Storage};
+use crate::queue::Queue;
+use crate::session::Session;
+use crate::signals::{self, Gcm};
+use crate::text;
+
+/// Returned when no tick is needed.
+pub const NO_TICK: f64 = -1.0;
+/// The most events waiting to be sent (memory, and each tab's stored queue).
+pub const QUEUE_CAP: usize = 1000;
+/// The most events waiting for consent (memory only).
+pub const HELD_CAP: usize = 200;
+/// After a beacon, whose fate is unknown, its batch is kept and sent again (the collector
+/// drops duplicates by message id) after this long (ms), or by the next page.
+pub const BEACON_HOLD_MS: f64 = 60_000.0;
+/// What one page may send by `sendBeacon` as it goes away (bytes): the browser's budget is
+/// 64 KiB for all keepalive requests in flight.
+pub const BEACON_BUDGET: usize = 60 * 1024;
+/// The name of the event that reports visible time on a page (property `engaged_ms`).
+pub const ENGAGED_EVENT: &str = "page_engaged";
+
+/// What the tracker needs from the browser.
+pub trait Env: Storage {
+    /// The time, Unix ms (`Date.now()`).
+    fn now(&self) -> f64;
+    /// Fills `buf` with random bytes (`crypto.getRandomValues`).
+    fn random(&mut self, buf: &mut [u8]);
+    /// Starts a POST of `body` to `url`. `seq` 0 means "the page is going away": use
+    /// `sendBeacon` (falling back to `fetch` with `keepalive`) and report nothing.
+    /// Otherwise use `fetch` with `keepalive` and report the answer with
+    /// [`Tracker::done`]`(seq, ..)`. Returns `false` when the request could not start.
+    fn send(&mut self, url: &str, body: &[u8], seq: u32) -> bool;
+}
+
+/// A message from the loader.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Signal {
+    /// The timer fired.
+    Tick,
+    /// An API event.
+    Event(ApiEvent),
+    /// `pz.consent(...)`: the visitor's decision.
+    Consent(Update),
+    /// `visibilitychange` to hidden.
+    Hidden,
+    /// `visibilitychange` to visible, or `pageshow` from the back-forward cache.
+    Visible,
+    /// `pagehide`: the page is going away.
+    PageHide,
+    /// Start, `pushState`, `replaceState`, `popstate`, `hashchange` or `pz.page()`: the URL
+    /// (`location.href`) and its UTM parameters, which may have changed.
+    Navigate(String, [Option<String>; 5]),
+    /// A click on an element with `data-track="<name>"`.
+    Click(String),
+    /// Another tab changed the stored consent decisions.
+    ConsentSync,
+    /// A TCF decision: bit `n` set when TCF purpose `n` has consent.
+    Tcf(u16),
+    /// A Consent Mode command: `update` (else `default`) and the granted / denied key bits
+    /// (see [`signals::GCM_KEYS`]).
+    Gcm(bool, u8, u8),
+    /// `pz.flush()`.
+    Flush,
+    /// `pz.reset()`: a new anonymous id and session, no user id.
+    Reset,
+}
+
+/// An event waiting for consent, with the context it happened in.
+#[derive(Debug, Clone)]
+struct Held {
+    ev: Event,
+    ctx: Rc<Context>,
+    need: u8,
+}
+
+/// The tracker's whole state.
+pub struct Tracker {
+    cfg: Config,
+    consent: Consent,
+    gcm: Gcm,
+    tab: String,
+    anonymous_id: String,
+    user_id: Option<String>,
+    session: Session,
+    url: String,
+    referrer: String,
+    utm: [Option<String>; 5],
+    views: PageViews,
+    last_view: Option<[u8; 16]>,
+    visible_since: Option<f64>,
+    engaged_ms: f64,
+    ctx: Rc<Context>,
+    queue: Queue,
+    held: Vec<Held>,
+    held_dropped: u32,
+    seq: u32,
+    in_flight: u32,
+    backoff: Backoff,
+    retry_at: f64,
+    forced: bool,
+    dirty: bool,
+    closed: bool,
+    saved_at: f64,
+    sent: u32,
+    consent_dropped: u32,
+    last_error: String,
+}
+
+impl Tracker {
+    /// Starts tracking with `cfg`: restores consent decisions and, where storage is allowed,
+    /// the ids, the session and the queues that closed tabs left. The first
+    /// [`Signal::Navigate`] records the first page view.
+    pub fn new(cfg: Config, env: &mut impl Env) -> Tracker {
+        let now = env.now();
+        let mut consent = Consent::default();
+        if let Some(stored) = env.get(persist::CONSENT_KEY) {
+            consent.load_decisions(&stored);
+        }
+        consent.set_default(cfg.defaults);
+        consent.set_default(signals::gpc(cfg.gpc));
+        let mut t = Tracker {
+            consent,
+            gcm: Gcm::default(),
+            tab: random_hex(env),
+            anonymous_id: new_id(env),
+            user_id: None,
+            session: Session::default(),
+            url: String::new(),
+            referrer: cfg.referrer.clone(),
+            utm: Default::default(),
+            views: PageViews::default(),
+            last_view: None,
+            visible_since: cfg.visible.then_some(now),
+            engaged_ms: 0.0,
+            ctx: Rc::new(Context::default()),
+            queue: Queue::new(QUEUE_CAP),
+            held: Vec::new(),
+            held_dropped: 0,
+            seq: 0,
+            in_flight: 0,
+            backoff: Backoff::default(),
+            retry_at: 0.0,
+            forced: false,
+            dirty: false,
+            closed: false,
+            saved_at: 0.0,
+            sent: 0,
+            consent_dropped: 0,
+            last_error: String::new(),
+            cfg,
+        };
+        if t.consent.storage_allowed() {
+            if let Some(id) = env.get(persist::ANON_KEY).and_then(|s| api::id(&s)) {
+                t.anonymous_id = id;
+            }
+            t.user_id = env.get(persist::USER_KEY).and_then(|s| api::id(&s));
+            t.sync_session(env);
+            t.store_ids(env);
+            t.adopt(env, now);
+        }
+        t.refresh_ctx();
+        t
+    }
+
+    /// Handles a message from the loader.
+    pub fn signal(&mut self, env: &mut impl Env, signal: Signal) -> f64 {
+        let now = env.now();
+        match signal {
+            Signal::Tick => return self.tick(env),
+            Signal::Event(e) => self.api_event(env, e, now),
+            Signal::Consent(u) => self.apply_consent(env, u, true, "api", now),
+            Signal::Hidden => self.hide(env, now, false),
+            Signal::PageHide => self.hide(env, now, true),
+            Signal::Visible => {
+                if self.visible_since.is_none() {
+                    self.visible_since = Some(now);
+                }
+                self.closed = false;
+                self.dirty = true;
+                self.sync_session(env);
+            }
+            Signal::Navigate(url, utm) => self.navigate(env, url, utm, now),
+            Signal::Click(name) => {
+                if self.cfg.track_clicks
+                    && let Some(name) = api::string(&name)
+                {
+                    let mut ev = self.event(env, EventKind::Track, now);
+                    ev.name = Some(name);
+                    self.record(ev);
+                }
+            }
+            Signal::ConsentSync => {
+                let before = self.consent;
+                if let Some(stored) = env.get(persist::CONSENT_KEY) {
+                    self.consent.load_decisions(&stored);
+                }
+                self.consent_moved(env, before, now);
+            }
+            Signal::Tcf(bits) => self.apply_consent(env, signals::tcf(bits), true, "tcf", now),
+            Signal::Gcm(update, granted, denied) => {
+                let u = self.gcm.command(granted, denied);
+                self.apply_consent(env, u, update, "gcm", now);
+            }
+            Signal::Flush => self.forced = true,
+            Signal::Reset => {
+                self.anonymous_id = new_id(env);
+                self.session = Session::default();
+                self.user_id = None;
+                self.store_ids(env);
+                self.touch_session(now);
+                self.refresh_ctx();
+                self.dirty = true;
+            }
+        }
+        self.next_tick(now)
+    }
+
+    /// The timer: seals due events into batches, stores what changed, and sends the oldest
+    /// batch unless one is in flight or a retry is waiting.
+    pub fn tick(&mut self, env: &mut impl Env) -> f64 {
+        let now = env.now();
+        let q = &self.queue;
+        let due = self.cfg.policy.due(
+            q.unsealed(),
+            batch::unsealed_bytes(q),
+            q.oldest_unsealed(),
+            now,
+            self.forced,
+        );
+        if due == Some(0.0) {
+            batch::seal(&mut self.queue, &self.cfg.write_key, now, &self.cfg.policy);
+            self.dirty = true;
+        }
+        self.forced = false;
+        let refresh = self.consent.storage_allowed()
+            && !self.queue.sealed.is_empty()
+            && now - self.saved_at >= persist::REFRESH_MS;
+        if self.dirty || refresh {
+            self.save(env, now);
+        }
+        if self.in_flight == 0 && now >= self.retry_at {
+            self.seq = self.seq.wrapping_add(1).max(1);
+            let seq = self.seq;
+            if let Some(b) = self.queue.next_sendable(now) {
+                batch::stamp_sent_at(&mut b.body, now);
+                b.seq = seq;
+                self.in_flight = seq;
+                if !env.send(&self.cfg.endpoint, &b.body, seq) {
+                    self.in_flight = 0;
+                    self.queue.release(seq);
+                    self.fail(env, now, None, "send failed");
+                }
+            }
+        }
+        self.next_tick(now)
+    }
+
+    /// The collector answered request `seq` with `status` (0: network error) and maybe a
+    /// `Retry-After` header.
+    pub fn done(
+        &mut self,
+        env: &mut impl Env,
+        seq: u32,
+        status: u16,
+        retry_after: Option<&str>,
+    ) -> f64 {
+        let now = env.now();
+        if seq != 0 && seq == self.in_flight {
+            self.in_flight = 0;
+            self.dirty = true;
+            match backoff::outcome(status) {
+                Outcome::Ack => {
+                    self.sent += self.queue.finish(seq);
+                    self.backoff.reset();
+                    self.retry_at = 0.0;
+                }
+                Outcome::Drop => {
+                    self.queue.finish(seq);
+                    self.last_error = status_text(status);
+                }
+                Outcome::Retry => {
+                    self.queue.release(seq);
+                    let error = status_text(status);
+                    self.fail(env, now, backoff::retry_after_ms(retry_after), &error);
+                }
+            }
+        }
+        self.next_tick(now)
+    }
+
+    /// The state for tests and debugging, as a JSON object: `queued`, `held`, `inFlight`,
+    /// `dropped`, `heldDropped`, `consentDropped`, `sent`, `retries` (counts of events, but
+    /// `retries`: failed tries since the last success), `consent` (`{necessary: "granted",
+    /// ...}`), `persistent`, `anonymousId`, `userId`, `sessionId`, `lastError`.
+    pub fn debug(&self) -> String {
+        let in_flight: u32 = self
+            .queue
+            .sealed
+            .iter()
+            .filter(|b| b.seq != 0)
+            .map(|b| b.count)
+            .sum();
+        let mut s = String::from("{");
+        for (key, n) in [
+            ("queued", self.queue.len() as u32),
+            ("held", self.held.len() as u32),
+            ("inFlight", in_flight),
+            ("dropped", self.queue.dropped),
+            ("heldDropped", self.held_dropped),
+            ("consentDropped", self.consent_dropped),
+            ("sent", self.sent),
+            ("retries", self.backoff.attempts()),
+        ] {
+            text::push_json_str(&mut s, key);
+            s.push(':');
+            text::push_u64(&mut s, u64::from(n));
+            s.push(',');
+        }
+        s.push_str("\"consent\":{");
+        for (i, (name, purpose)) in consent::PURPOSES.iter().enumerate() {
+            if i > 0 {
+                s.push(',');
+            }
+            text::push_json_str(&mut s, name);
+            s.push_str(match self.consent.state(1 << *purpose as u8) {
+                State::Granted => ":\"granted\"",
+                State::Denied => ":\"denied\"",
+                State::Pending => ":\"pending\"",
+            });
+        }
+        s.push_str("},\"persistent\":");
+        s.push_str(if self.consent.storage_allowed() {
+            "true"
+        } else {
+            "false"
+        });
+        for (key, v) in [
+            ("anonymousId", Some(&self.anonymous_id)),
+            ("userId", self.user_id.as_ref()),
+            ("sessionId", Some(&self.session.id)),
+            ("lastError", Some(&self.last_error)),
+        ] {
+            s.push(',');
+            text::push_json_str(&mut s, key);
+            s.push(':');
+            match v {
+                Some(v) if !v.is_empty() => text::push_json_str(&mut s, v),
+                _ => s.push_str("null"),
+            }
+        }
+        s.push('}');
+        s
+    }
+
+    fn api_event(&mut self, env: &mut impl Env, e: ApiEvent, now: f64) {
+        let ts = if e.ts > 0.0 { e.ts } else { now };
+        let mut ev = self.event(env, e.kind, ts);
+        match e.kind {
+            EventKind::Page => {
+                // The automatic view of this URL, while unsealed, takes the name and
+                // properties instead of a second view being counted.
+                if let Some(id) = self.last_view.take() {
+                    let unsealed = self
+                        .queue
+                        .segments
+                        .iter_mut()
+                        .flat_map(|s| s.events.iter_mut());
+                    let held = self.held.iter_mut().map(|h| &mut h.ev);
+                    if let Some(view) = unsealed.chain(held).find(|v| v.message_id == id) {
+                        view.name = e.name;
+                        view.properties = e.properties;
+                        return;
+                    }
+                }
+            }
+            EventKind::Identify | EventKind::Alias => {
+                let Some(user) = e.user_id else { return };
+                let previous = self
+                    .user_id
+                    .replace(user.clone())
+                    .unwrap_or(self.anonymous_id.clone());
+                self.store_ids(env);
+                self.refresh_ctx();
+                if e.kind == EventKind::Alias {
+                    ev.previous_id = Some(previous);
+                }
+                ev.user_id = Some(user);
+            }
+            EventKind::ConsentChange => return,
+            _ => {}
+        }
+        ev.name = e.name;
+        ev.properties = e.properties;
+        ev.items = e.items;
+        ev.order_id = e.order_id;
+        ev.revenue = e.revenue;
+        ev.currency = e.currency;
+        self.record(ev);
+    }
+
+    fn apply_consent(
+        &mut self,
+        env: &mut impl Env,
+        u: Update,
+        decision: bool,
+        source: &str,
+        now: f64,
+    ) {
+        let before = self.consent;
+        let decided = if decision {
+            self.consent.decide(u)
+        } else {
+            self.consent.set_default(u);
+            false
+        };
+        if decided {
+            env.set(persist::CONSENT_KEY, &self.consent.encode_decisions());
+        }
+        self.consent_moved(env, before, now);
+        if decided {
+            let mut ev = self.event(env, EventKind::ConsentChange, now);
+            ev.consent_granted = self.consent.granted();
+            ev.consent_denied = self.consent.denied();
+            ev.properties.push(Property {
+                key: "source".into(),
+                value: Value::String(source.into()),
+            });
+            self.record(ev);
+        }
+    }
+
+    /// Applies a change of the effective consent state from `before`: drops and purges what
+    /// a denial forbids, releases what a grant allows, starts or stops storing.
+    fn consent_moved(&mut self, env: &mut impl Env, before: Consent, now: f64) {
+        let newly_denied = self.consent.denied() & !before.denied();
+        if newly_denied != 0 {
+            let held = self.held.len();
+            self.held.retain(|h| h.need & newly_denied == 0);
+            self.consent_dropped +=
+                (held - self.held.len()) as u32 + self.queue.purge(newly_denied);
+            persist::purge(env, newly_denied);
+            self.dirty = true;
+        }
+        let granted = self.consent.granted();
+        let consent = self.consent;
+        let (ready, waiting): (Vec<Held>, Vec<Held>) = core::mem::take(&mut self.held)
+            .into_iter()
+            .partition(|h| consent.gate(h.need) == Gate::Send);
+        self.held = waiting;
+        for h in ready {
+            self.queue.push(h.ev, &h.ctx, granted, h.need);
+        }
+        let could_store = before.granted() & (ANALYTICS | PERSONALIZATION) != 0;
+        match (could_store, self.consent.storage_allowed()) {
+            (false, true) => {
+                self.store_ids(env);
+                self.adopt(env, now);
+                self.dirty = true;
+            }
+            (true, false) => {
+                for key in [persist::ANON_KEY, persist::USER_KEY, persist::SESSION_KEY] {
+                    env.remove(key);
+                }
+                env.remove(&persist::queue_key(&self.tab));
+            }
+            _ => {}
+        }
+    }
+
+    fn navigate(&mut self, env: &mut impl Env, url: String, utm: [Option<String>; 5], now: f64) {
+        if url == self.url {
+            return;
+        }
+        if let Some(since) = self.visible_since {
+            self.engaged_ms += now - since;
+            self.visible_since = Some(now);
+        }
+        self.report_engaged(env, now);
+        let previous = core::mem::replace(&mut self.url, url);
+        if !previous.is_empty() {
+            self.referrer = previous;
+        }
+        if utm.iter().any(Option::is_some) {
+            self.utm = utm;
+        }
+        self.refresh_ctx();
+        if self.views.count(&self.url) {
+            let ev = self.event(env, EventKind::Page, now);
+            self.last_view = Some(ev.message_id);
+            self.record(ev);
+        }
+    }
+
+    fn hide(&mut self, env: &mut impl Env, now: f64, closed: bool) {
+        if let Some(since) = self.visible_since.take() {
+            self.engaged_ms += now - since;
+        }
+        self.report_engaged(env, now);
+        // Everything goes out now, within the beacon budget, and stays queued (and stored)
+        // until an answer confirms it, which a beacon never gives.
+        batch::seal(&mut self.queue, &self.cfg.write_key, now, &self.cfg.policy);
+        let mut budget = BEACON_BUDGET;
+        while let Some(b) = self.queue.next_sendable(now) {
+            if b.body.len() > budget {
+                break;
+            }
+            batch::stamp_sent_at(&mut b.body, now);
+            if !env.send(&self.cfg.endpoint, &b.body, 0) {
+                break;
+            }
+            b.hold_until = now + BEACON_HOLD_MS;
+            budget -= b.body.len();
+        }
+        self.closed = closed;
+        self.save(env, now);
+    }
+
+    fn report_engaged(&mut self, env: &mut impl Env, now: f64) {
+        let ms = self.engaged_ms as i64;
+        self.engaged_ms = 0.0;
+        if ms > 0 {
+            let mut ev = self.event(env, EventKind::Track, now);
+            ev.name = Some(ENGAGED_EVENT.into());
+            ev.properties.push(Property {
+                key: "engaged_ms".into(),
+                value: Value::Int(ms),
+            });
+            self.record(ev);
+        }
+    }
+
+    fn event(&mut self, env: &mut impl Env, kind: EventKind, ts: f64) -> Event {
+        let mut message_id = [0u8; 16];
+        env.random(&mut message_id);
+        message_id[6] |= 1; // never all zero
+        Event {
+            message_id,
+            timestamp_ms: ts as i64,
+            kind,
+            purpose: self.cfg.purposes[kind as usize],
+            ..Event::default()
+        }
+    }
+
+    /// Puts `ev` through the consent gate.
+    fn record(&mut self, ev: Event) {
+        if self.touch_session(ev.timestamp_ms as f64) {
+            self.refresh_ctx();
+        }
+        let need = (1 << ev.purpose as u8) | (1 << consent::kind_purpose(ev.kind) as u8);
+        match self.consent.gate(need) {
+            Gate::Send => self.queue.push(ev, &self.ctx, self.consent.granted(), need),
+            Gate::Hold => {
+                if self.held.len() >= HELD_CAP {
+                    self.held.remove(0);
+                    self.held_dropped += 1;
+                }
+                self.held.push(Held {
+                    ev,
+                    ctx: self.ctx.clone(),
+                    need,
+                });
+            }
+            Gate::Drop => self.consent_dropped += 1,
+        }
+    }
+
+    /// Records activity; returns whether a new session started.
+    fn touch_session(&mut self, ts: f64) -> bool {
+        self.session.touch(ts, self.cfg.session_timeout)
+    }
+
+    fn sync_session(&mut self, env: &mut impl Env) {
+        if !self.consent.storage_allowed() {
+            return;
+        }
+        if let Some(stored) = env
+            .get(persist::SESSION_KEY)
+            .as_deref()
+            .and_then(Session::decode)
+        {
+            let id = self.session.id.clone();
+            self.session.merge(stored);
+            if self.session.id != id {
+                self.refresh_ctx();
+            }
+        }
+    }
+
+    fn store_ids(&mut self, env: &mut impl Env) {
+        if self.consent.storage_allowed() {
+            env.set(persist::ANON_KEY, &self.anonymous_id);
+            match &self.user_id {
+                Some(u) => env.set(persist::USER_KEY, u),
+                None => {
+                    env.remove(persist::USER_KEY);
+                    true
+                }
+            };
+        }
+    }
+
+    fn adopt(&mut self, env: &mut impl Env, now: f64) {
+        let consent = self.consent;
+        let mut adopted = persist::adopt(env, &self.tab, now);
+        let before = adopted.len();
+        adopted.retain(|b| consent.gate(b.need) != Gate::Drop);
+        self.consent_dropped += (before - adopted.len()) as u32;
+        if !adopted.is_empty() {
+            self.queue.extend_sealed(adopted);
+            self.dirty = true;
+        }
+    }
+
+    fn save(&mut self, env: &mut impl Env, now: f64) {
+        self.dirty = false;
+        if !self.consent.storage_allowed() {
+            return;
+        }
+        self.saved_at = now;
+        let header = Header {
+            closed: self.closed,
+            written: now,
+        };
+        persist::save(env, &self.tab, self.queue.sealed.iter(), header);
+        if !self.session.id.is_empty() {
+            env.set(persist::SESSION_KEY, &self.session.encode());
+        }
+    }
+
+    fn refresh_ctx(&mut self) {
+        let opt = |s: &str, max| {
+            let mut s = String::from(s);
+            text::truncate(&mut s, max);
+            (!s.is_empty()).then_some(s)
+        };
+        let utm = |i: usize| {
+            self.utm[i]
+                .as_deref()
+                .and_then(|u| opt(u, wire::decode::MAX_STRING_BYTES))
+        };
+        self.ctx = Rc::new(Context {
+            page_url: opt(&self.url, wire::decode::MAX_URL_BYTES),
+            referrer: opt(&self.referrer, wire::decode::MAX_URL_BYTES),
+            utm_source: utm(0),
+            utm_medium: utm(1),
+            utm_campaign: utm(2),
+            utm_term: utm(3),
+            utm_content: utm(4),
+            locale: self.cfg.locale.clone(),
+            timezone: self.cfg.timezone.clone(),
+            screen_width: self.cfg.screen.0,
+            screen_height: self.cfg.screen.1,
+            session_id: opt(&self.session.id, 64),
+            anonymous_id: opt(&self.anonymous_id, api::MAX_ID_BYTES),
+            user_id: self.user_id.clone(),
+        });
+    }
+
+    fn fail(&mut self, env: &mut impl Env, now: f64, retry_after: Option<f64>, error: &str) {
+        let mut r = [0u8; 4];
+        env.random(&mut r);
+        let random = f64::from(u32::from_le_bytes(r)) / 4_294_967_296.0;
+        self.retry_at = now + self.backoff.fail(retry_after, random);
+        self.last_error = error.into();
+    }
+
+    fn next_tick(&self, now: f64) -> f64 {
+        if self.dirty {
+            return 0.0;
+        }
+        let mut next = f64::INFINITY;
+        let mut at = |t: f64| {
+            if t < next {
+                next = t;
+            }
+        };
+        let q = &self.queue;
+        let policy = &self.cfg.policy;
+        if let Some(wait) = policy.due(
+            q.unsealed(),
+            batch::unsealed_bytes(q),
+            q.oldest_unsealed(),
+            now,
+            self.forced,
+        ) {
+            at(wait);
+        }
+        if self.in_flight == 0 {
+            if q.sealed.iter().any(|b| b.sendable(now)) {
+                at(self.retry_at - now);
+            }
+            if let Some(h) = q.next_hold(now) {
+                at(h - now);
+            }
+        }
+        if self.consent.storage_allowed() && !q.sealed.is_empty() {
+            at(self.saved_at + persist::REFRESH_MS - now);
+        }
+        if next == f64::INFINITY {
+            NO_TICK
+        } else if next < 0.0 {
+            0.0
+        } else {
+            next
+        }
+    }
+}
+
+fn new_id(env: &mut impl Env) -> String {
+    let mut b = [0u8; 16];
+    env.random(&mut b);
+    text::uuid(b)
+}
+
+fn random_hex(env: &mut impl Env) -> String {
+    let mut b = [0u8; 8];
+    env.random(&mut b);
+    let mut s = String::new();
+    text::push_hex(&mut s, &b);
+    s
+}
+
+fn status_text(status: u16) -> String {
+    if status == 0 {
+        "network error".into()
+    } else {
+        let mut s = String::from("HTTP ");
+        text::push_u64(&mut s, u64::from(status));
+        s
+    }
+}

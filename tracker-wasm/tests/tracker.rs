@@ -1,0 +1,386 @@
+//! The whole tracker against a fake browser: consent gate, batching, delivery and retries,
+//! storage rules, tabs, page views. Every batch sent is decoded with `wire::decode`.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+use std::rc::Rc;
+
+use tracker_wasm::msg::{self, Msg};
+use tracker_wasm::{Env, Signal, Storage, Tracker};
+use wire::{Batch, EventKind, Value};
+
+/// A browser: a clock, counting "random" bytes, localStorage (shareable between tabs) and
+/// the requests started.
+struct Browser {
+    now: f64,
+    counter: u8,
+    storage: Rc<RefCell<BTreeMap<String, String>>>,
+    sent: Vec<(Batch, u32)>,
+}
+
+impl Browser {
+    fn new(storage: &Rc<RefCell<BTreeMap<String, String>>>) -> Browser {
+        Browser {
+            now: 1_700_000_000_000.0,
+            counter: 0,
+            storage: storage.clone(),
+            sent: Vec::new(),
+        }
+    }
+
+    fn take_sent(&mut self) -> Vec<(Batch, u32)> {
+        std::mem::take(&mut self.sent)
+    }
+}
+
+impl Storage for Browser {
+    fn get(&self, key: &str) -> Option<String> {
+        self.storage.borrow().get(key).cloned()
+    }
+    fn set(&mut self, key: &str, value: &str) -> bool {
+        self.storage.borrow_mut().insert(key.into(), value.into());
+        true
+    }
+    fn remove(&mut self, key: &str) {
+        self.storage.borrow_mut().remove(key);
+    }
+    fn keys(&self) -> Vec<String> {
+        self.storage.borrow().keys().cloned().collect()
+    }
+}
+
+impl Env for Browser {
+    fn now(&self) -> f64 {
+        self.now
+    }
+    fn random(&mut self, buf: &mut [u8]) {
+        for b in buf {
+            self.counter = self.counter.wrapping_add(1);
+            *b = self.counter;
+        }
+    }
+    fn send(&mut self, _url: &str, body: &[u8], seq: u32) -> bool {
+        let batch = wire::decode(body, &wire::Limits::default()).expect("a valid batch");
+        self.sent.push((batch, seq));
+        true
+    }
+}
+
+const US: char = '\u{1f}';
+
+/// An init message with `defaults` as the granted mask.
+fn init(b: &mut Browser, granted: u8, denied: u8, flush_at: u32) -> Tracker {
+    let m = format!(
+        "i{US}demo{US}/v1/fb{US}https://ref.example/{US}en-GB{US}Europe/Berlin{US}{flush_at}{US}1000{US}{US}0{US}{granted}{US}{denied}{US}0{US}1{US}1280{US}800"
+    );
+    let Some(Msg::Init(cfg)) = msg::parse(&m) else {
+        panic!("bad init message");
+    };
+    Tracker::new(cfg, b)
+}
+
+fn nav(t: &mut Tracker, b: &mut Browser, url: &str) -> f64 {
+    t.signal(b, Signal::Navigate(url.into(), Default::default()))
+}
+
+fn track(t: &mut Tracker, b: &mut Browser, name: &str) -> f64 {
+    let m = format!("e{US}1{US}0{US}{name}{US}{US}{US}{US}{US}n\u{1d}n\u{1d}1");
+    let Some(Msg::Signal(s)) = msg::parse(&m) else {
+        panic!("bad event message");
+    };
+    t.signal(b, s)
+}
+
+fn consent(t: &mut Tracker, b: &mut Browser, grant: u8, deny: u8) -> f64 {
+    t.signal(
+        b,
+        Signal::Consent(tracker_wasm::consent::Update { grant, deny }),
+    )
+}
+
+/// Runs the timer at `after` ms from now.
+fn tick_after(t: &mut Tracker, b: &mut Browser, after: f64) -> f64 {
+    b.now += after;
+    t.tick(b)
+}
+
+/// Ticks and acknowledges every request until nothing more goes out; returns the batches.
+fn drain(t: &mut Tracker, b: &mut Browser) -> Vec<(Batch, u32)> {
+    let mut all = Vec::new();
+    loop {
+        t.tick(b);
+        let sent = b.take_sent();
+        if sent.is_empty() {
+            return all;
+        }
+        for (batch, seq) in sent {
+            t.done(b, seq, 200, None);
+            all.push((batch, seq));
+        }
+    }
+}
+
+fn names(batch: &Batch) -> Vec<String> {
+    batch
+        .events
+        .iter()
+        .map(|e| match e.kind {
+            EventKind::Track => e.name.clone().unwrap_or_default(),
+            other => format!("{other:?}"),
+        })
+        .collect()
+}
+
+fn shared() -> Rc<RefCell<BTreeMap<String, String>>> {
+    Rc::new(RefCell::new(BTreeMap::new()))
+}
+
+#[test]
+fn pending_events_wait_in_memory_and_go_out_once_granted() {
+    let store = shared();
+    let mut b = Browser::new(&store);
+    let mut t = init(&mut b, 0, 0, 20);
+    nav(&mut t, &mut b, "https://shop.example/");
+    track(&mut t, &mut b, "early");
+    tick_after(&mut t, &mut b, 5000.0);
+    assert!(b.take_sent().is_empty(), "nothing leaves before consent");
+    assert!(
+        store.borrow().keys().all(|k| k == "pz_c"),
+        "nothing stored: {:?}",
+        store.borrow().keys()
+    );
+
+    consent(&mut t, &mut b, 2 | 4, 8);
+    b.now += 1000.0;
+    let sent = drain(&mut t, &mut b);
+    // Held events keep the context they were collected in; the consent change is its own
+    // segment (it needs only `necessary`).
+    let all: Vec<String> = sent.iter().flat_map(|(batch, _)| names(batch)).collect();
+    assert_eq!(all, ["Page", "early", "ConsentChange"]);
+    for (batch, _) in &sent {
+        assert_eq!(batch.consent, 1 | 2 | 4, "the mask when released");
+        assert_eq!(batch.write_key, "demo");
+        assert_eq!(
+            batch.context.page_url.as_deref(),
+            Some("https://shop.example/")
+        );
+        assert_eq!(batch.context.timezone.as_deref(), Some("Europe/Berlin"));
+    }
+    let change = sent
+        .iter()
+        .flat_map(|(b, _)| &b.events)
+        .find(|e| e.kind == EventKind::ConsentChange)
+        .unwrap();
+    assert_eq!((change.consent_granted, change.consent_denied), (7, 8));
+    assert_eq!(change.purpose, wire::Purpose::Necessary);
+    // Storage is allowed now: the anonymous id is kept.
+    let anon = store.borrow().get("pz_a").cloned();
+    assert_eq!(anon, sent[0].0.context.anonymous_id);
+}
+
+#[test]
+fn denial_discards_held_events_and_purges_storage() {
+    let store = shared();
+    let mut b = Browser::new(&store);
+    let mut t = init(&mut b, 2, 0, 20);
+    nav(&mut t, &mut b, "https://shop.example/");
+    track(&mut t, &mut b, "stored");
+    tick_after(&mut t, &mut b, 1000.0);
+    // The collector is down: the batch stays, stored.
+    let (_, seq) = b.take_sent().pop().unwrap();
+    t.done(&mut b, seq, 503, Some("30"));
+    t.tick(&mut b);
+    assert!(store.borrow().keys().any(|k| k.starts_with("pz_q_")));
+
+    consent(&mut t, &mut b, 0, 2 | 4 | 8);
+    tick_after(&mut t, &mut b, 31_000.0);
+    let sent = b.take_sent();
+    // Only the consent change (necessary) leaves, under a mask of necessary only.
+    assert_eq!(sent.len(), 1);
+    assert_eq!(names(&sent[0].0), ["ConsentChange"]);
+    assert_eq!(sent[0].0.consent, 1);
+    let keys: Vec<String> = store.borrow().keys().cloned().collect();
+    assert_eq!(keys, ["pz_c"], "ids and queue are gone");
+    let debug = t.debug();
+    assert!(debug.contains("\"consentDropped\":2"), "{debug}");
+}
+
+#[test]
+fn batches_go_out_on_count_or_after_the_interval() {
+    let store = shared();
+    let mut b = Browser::new(&store);
+    let mut t = init(&mut b, 2, 0, 5);
+    nav(&mut t, &mut b, "https://shop.example/");
+    t.tick(&mut b);
+    // One event waiting: due a second after it happened.
+    assert_eq!(tick_after(&mut t, &mut b, 400.0), 600.0);
+    assert!(b.take_sent().is_empty());
+    for i in 0..4 {
+        track(&mut t, &mut b, &format!("t{i}"));
+    }
+    // Five waiting: due now; afterwards only the stored queue's refresh is on the timer.
+    assert_eq!(
+        tick_after(&mut t, &mut b, 0.0),
+        tracker_wasm::persist::REFRESH_MS
+    );
+    let sent = b.take_sent();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(names(&sent[0].0), ["Page", "t0", "t1", "t2", "t3"]);
+}
+
+#[test]
+fn retries_back_off_honour_retry_after_and_send_the_same_events() {
+    let store = shared();
+    let mut b = Browser::new(&store);
+    let mut t = init(&mut b, 2, 0, 1);
+    nav(&mut t, &mut b, "https://shop.example/");
+    t.tick(&mut b);
+    let (first, seq) = b.take_sent().pop().unwrap();
+    // The answer only marks the queue for storing: the timer runs at once.
+    assert_eq!(t.done(&mut b, seq, 503, Some("10")), 0.0);
+    assert_eq!(t.tick(&mut b), 10_000.0, "waits for Retry-After");
+    assert_eq!(tick_after(&mut t, &mut b, 9000.0), 1000.0);
+    assert!(b.take_sent().is_empty());
+    tick_after(&mut t, &mut b, 1000.0);
+    let (again, seq) = b.take_sent().pop().unwrap();
+    assert_eq!(again.events, first.events, "same message ids");
+    assert_eq!(
+        again.sent_at_ms,
+        first.sent_at_ms + 10_000,
+        "send time restamped"
+    );
+    // A refusal for good (400) is not retried.
+    track(&mut t, &mut b, "next");
+    t.done(&mut b, seq, 200, None);
+    t.tick(&mut b);
+    let (_, seq) = b.take_sent().pop().unwrap();
+    t.done(&mut b, seq, 400, None);
+    tick_after(&mut t, &mut b, 600_000.0);
+    assert!(b.take_sent().is_empty());
+    assert!(
+        t.debug().contains("\"lastError\":\"HTTP 400\""),
+        "{}",
+        t.debug()
+    );
+    assert!(t.debug().contains("\"sent\":1"), "{}", t.debug());
+}
+
+#[test]
+fn a_closed_page_beacons_and_the_next_page_sends_what_may_be_lost() {
+    let store = shared();
+    let mut b = Browser::new(&store);
+    let mut t = init(&mut b, 2, 0, 20);
+    nav(&mut t, &mut b, "https://shop.example/a");
+    track(&mut t, &mut b, "clicked");
+    b.now += 2000.0;
+    t.signal(&mut b, Signal::Hidden);
+    t.signal(&mut b, Signal::PageHide);
+    let sent = b.take_sent();
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].1, 0, "a beacon");
+    assert_eq!(names(&sent[0].0), ["Page", "clicked", "page_engaged"]);
+    let engaged = &sent[0].0.events[2].properties[0];
+    assert_eq!(
+        (engaged.key.as_str(), &engaged.value),
+        ("engaged_ms", &Value::Int(2000))
+    );
+
+    // The next page (same storage) sends the beaconed batch again: the collector drops
+    // duplicates by message id, so nothing is counted twice and nothing is lost.
+    let mut b2 = Browser::new(&store);
+    b2.counter = 100;
+    let mut next = init(&mut b2, 2, 0, 20);
+    next.tick(&mut b2);
+    let resent = b2.take_sent();
+    assert_eq!(resent[0].0.events, sent[0].0.events);
+    assert_eq!(
+        resent[0].0.context.anonymous_id, sent[0].0.context.anonymous_id,
+        "the stored anonymous id"
+    );
+}
+
+#[test]
+fn an_open_tab_keeps_its_stored_events_to_itself() {
+    let store = shared();
+    let mut a = Browser::new(&store);
+    let mut tab_a = init(&mut a, 2, 0, 20);
+    nav(&mut tab_a, &mut a, "https://shop.example/a");
+    tab_a.tick(&mut a);
+    tick_after(&mut tab_a, &mut a, 1000.0);
+    // Tab A's batch is in flight (and stored) when tab B opens.
+    assert_eq!(a.take_sent().len(), 1);
+    let mut b = Browser::new(&store);
+    b.now = a.now;
+    b.counter = 50;
+    let mut tab_b = init(&mut b, 2, 0, 20);
+    tick_after(&mut tab_b, &mut b, 0.0);
+    assert!(
+        b.take_sent().is_empty(),
+        "tab B does not send tab A's events"
+    );
+}
+
+#[test]
+fn spa_navigation_counts_each_new_url_once_and_page_names_the_automatic_view() {
+    let store = shared();
+    let mut b = Browser::new(&store);
+    let mut t = init(&mut b, 2, 0, 100);
+    nav(&mut t, &mut b, "https://shop.example/");
+    // pz.page('Home', {section: 'top'}) right after: it names the automatic view.
+    let m = format!("e{US}0{US}0{US}Home{US}{US}{US}{US}{US}section\u{1d}s\u{1d}top");
+    let Some(Msg::Signal(s)) = msg::parse(&m) else {
+        panic!()
+    };
+    t.signal(&mut b, s);
+    for url in [
+        "https://shop.example/p/1",
+        "https://shop.example/p/1",
+        "https://shop.example/p/1#reviews",
+    ] {
+        nav(&mut t, &mut b, url);
+    }
+    t.signal(&mut b, Signal::Flush);
+    let sent = drain(&mut t, &mut b);
+    let pages: Vec<(Option<String>, Option<String>)> = sent
+        .iter()
+        .flat_map(|(batch, _)| batch.events.iter().map(move |e| (e, batch)))
+        .filter(|(e, _)| e.kind == EventKind::Page)
+        .map(|(e, batch)| (e.name.clone(), batch.context.page_url.clone()))
+        .collect();
+    assert_eq!(
+        pages,
+        [
+            (Some("Home".into()), Some("https://shop.example/".into())),
+            (None, Some("https://shop.example/p/1".into())),
+            (None, Some("https://shop.example/p/1#reviews".into())),
+        ]
+    );
+    // The second view's referrer is the first URL.
+    let second = &sent
+        .iter()
+        .find(|(b, _)| b.context.page_url.as_deref() == Some("https://shop.example/p/1"))
+        .unwrap()
+        .0;
+    assert_eq!(
+        second.context.referrer.as_deref(),
+        Some("https://shop.example/")
+    );
+}
+
+#[test]
+fn a_session_ends_after_thirty_idle_minutes() {
+    let store = shared();
+    let mut b = Browser::new(&store);
+    let mut t = init(&mut b, 2, 0, 1);
+    nav(&mut t, &mut b, "https://shop.example/");
+    let mut sent = drain(&mut t, &mut b);
+    b.now += 31.0 * 60_000.0;
+    track(&mut t, &mut b, "later");
+    sent.extend(drain(&mut t, &mut b));
+    let sessions: Vec<Option<String>> = sent
+        .into_iter()
+        .map(|(batch, _)| batch.context.session_id)
+        .collect();
+    assert_eq!(sessions.len(), 2);
+    assert_ne!(sessions[0], sessions[1]);
+}
