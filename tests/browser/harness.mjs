@@ -32,6 +32,16 @@ export async function launch() {
   });
 }
 
+/** Runs `fn(browser)` with a fresh headless Chromium, closed afterwards whatever happens. */
+export async function withBrowser(fn) {
+  const browser = await launch();
+  try {
+    return await fn(browser);
+  } finally {
+    await browser.close();
+  }
+}
+
 /** GET /v1/profiles/{id}: the profile JSON, or null on 404. */
 export async function profile(id) {
   const res = await fetch(`${BASE_URL}/v1/profiles/${encodeURIComponent(id)}`, {
@@ -53,3 +63,4 @@ export async function waitFor(check, { timeoutMs = 10_000, intervalMs = 100, wha
   }
   throw new Error(`timed out after ${timeoutMs} ms waiting for ${what} (last: ${JSON.stringify(last)})`);
 }
+

@@ -2,11 +2,10 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { BASE_URL, launch } from './harness.mjs';
+import { BASE_URL, withBrowser } from './harness.mjs';
 
 test('the demo site loads in headless chromium without script errors', async () => {
-  const browser = await launch();
-  try {
+  await withBrowser(async (browser) => {
     const page = await browser.newPage();
     const errors = [];
     page.on('pageerror', (e) => errors.push(String(e)));
@@ -14,7 +13,5 @@ test('the demo site loads in headless chromium without script errors', async () 
     assert.equal(res.status(), 200);
     assert.ok((await page.title()).length > 0, 'the page has a title');
     assert.deepEqual(errors, []);
-  } finally {
-    await browser.close();
-  }
+  });
 });

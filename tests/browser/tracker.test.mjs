@@ -1,12 +1,10 @@
 // The tracker in a real browser, through the real demo pages, against the real collector:
-// consent gating, exact counts in the profile, beacons at page close, persistence while the
-// collector is down, two tabs, SPA navigation, and calls made before the tracker loaded.
+// consent gating, exact counts in the profile, beacons at page close, two tabs, SPA
+// navigation, and calls made before the tracker loaded.
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { BASE_URL, launch, profile, waitFor } from './harness.mjs';
-
-const BATCH_PATH = '/v1/fb';
+import { BASE_URL, profile, waitFor, withBrowser } from './harness.mjs';
 
 /** A fresh browser context (empty storage) with the consent banner already answered. */
 async function context(browser, consent) {
@@ -40,8 +38,7 @@ async function profileWhere(id, check, what) {
 test('consent denied: nothing but the consent record reaches the collector', async () => {
   // Checked at the collector, not by watching requests: beacons sent while a page unloads
   // do not show up in the browser's request events.
-  const browser = await launch();
-  try {
+  await withBrowser(async (browser) => {
     const ctx = await context(browser, NONE);
     const page = await ctx.newPage();
     await page.goto(`${BASE_URL}/`);
@@ -61,14 +58,11 @@ test('consent denied: nothing but the consent record reaches the collector', asy
     assert.equal(p.consent.analytics.status, 'denied');
     assert.equal(p.consent.marketing.status, 'denied');
     assert.equal(await profile(second), null, 'the unchanged choice is not sent again, no event is');
-  } finally {
-    await browser.close();
-  }
+  });
 });
 
 test('consent granted: page views and commerce arrive with exact counts', async () => {
-  const browser = await launch();
-  try {
+  await withBrowser(async (browser) => {
     const ctx = await context(browser, ALL);
     const page = await ctx.newPage();
     await page.goto(`${BASE_URL}/`);
@@ -81,14 +75,11 @@ test('consent granted: page views and commerce arrive with exact counts', async 
     assert.equal(p.event_counts.product_viewed, 1);
     assert.equal(p.event_counts.cart_add, 1);
     assert.equal(p.sessions, 1);
-  } finally {
-    await browser.close();
-  }
+  });
 });
 
 test('an action right before the page closes is delivered by the beacon', async () => {
-  const browser = await launch();
-  try {
+  await withBrowser(async (browser) => {
     const ctx = await context(browser, ALL);
     const page = await ctx.newPage();
     await page.goto(`${BASE_URL}/`);
@@ -97,50 +88,11 @@ test('an action right before the page closes is delivered by the beacon', async 
     await page.close({ runBeforeUnload: true });
     const p = await profileWhere(id, (p) => p.event_counts['Closed Right Away'] === 1, 'the last event');
     assert.equal(p.page_views, 1);
-  } finally {
-    await browser.close();
-  }
-});
-
-test('while the collector is down events wait, and arrive once on the next page load', async () => {
-  const browser = await launch();
-  try {
-    const ctx = await context(browser, ALL);
-    let down = true;
-    let refused = 0;
-    await ctx.route(`**${BATCH_PATH}`, (route) => {
-      if (!down) return route.continue();
-      refused += 1;
-      return route.fulfill({ status: 503, headers: { 'Retry-After': '1' }, body: '{"error":"unavailable"}' });
-    });
-    const page = await ctx.newPage();
-    await page.goto(`${BASE_URL}/`);
-    const id = await anonymousId(page);
-    await page.evaluate(() => { pz.track('Offline One'); pz.track('Offline Two'); pz.flush(); });
-    await waitFor(() => refused > 0, { what: 'a refused delivery' });
-    await page.close({ runBeforeUnload: true });
-    assert.equal(await profile(id), null, 'nothing arrived while down');
-
-    down = false;
-    const next = await ctx.newPage();
-    await next.goto(`${BASE_URL}/`);
-    const p = await profileWhere(id, (p) => p.page_views === 2 && p.event_counts['Offline Two'] === 1, 'the stored events');
-    // Give any duplicate delivery a chance to show up, then check nothing counted twice.
-    await next.evaluate(() => pz.flush());
-    await new Promise((r) => setTimeout(r, 1500));
-    const again = await profile(id);
-    assert.equal(again.event_counts['Offline One'], 1);
-    assert.equal(again.event_counts['Offline Two'], 1);
-    assert.equal(again.page_views, 2);
-    assert.equal(again.events, p.events);
-  } finally {
-    await browser.close();
-  }
+  });
 });
 
 test('two tabs of one visitor share the profile and count each event once', async () => {
-  const browser = await launch();
-  try {
+  await withBrowser(async (browser) => {
     const ctx = await context(browser, ALL);
     const a = await ctx.newPage();
     await a.goto(`${BASE_URL}/`);
@@ -158,14 +110,11 @@ test('two tabs of one visitor share the profile and count each event once', asyn
     assert.equal(p.event_counts['Tab A'], 1);
     assert.equal(p.event_counts['Tab B'], 1);
     assert.equal(p.page_views, 2);
-  } finally {
-    await browser.close();
-  }
+  });
 });
 
 test('single-page navigation counts each new URL once', async () => {
-  const browser = await launch();
-  try {
+  await withBrowser(async (browser) => {
     const ctx = await context(browser, ALL);
     const page = await ctx.newPage();
     await page.goto(`${BASE_URL}/`);
@@ -185,14 +134,11 @@ test('single-page navigation counts each new URL once', async () => {
     // Landing, /spa/one, /spa/two, #details, back to /spa/two.
     assert.equal(settled.page_views, 5, JSON.stringify(settled.event_counts));
     assert.ok(p.page_views <= 5);
-  } finally {
-    await browser.close();
-  }
+  });
 });
 
 test('calls made before the tracker loaded arrive in order', async () => {
-  const browser = await launch();
-  try {
+  await withBrowser(async (browser) => {
     const ctx = await context(browser, ALL);
     // Hold the tracker's script back so the page's calls queue in the snippet.
     let release;
@@ -206,7 +152,5 @@ test('calls made before the tracker loaded arrive in order', async () => {
     await page.evaluate(() => pz.flush());
     const p = await profileWhere(id, (p) => p.event_counts['Early Two'] === 1, 'the early calls');
     assert.equal(p.event_counts['Early One'], 1);
-  } finally {
-    await browser.close();
-  }
+  });
 });
