@@ -29,24 +29,6 @@ pub struct Prepared {
     pub consent_dropped: usize,
 }
 
-/// The least purpose each kind needs, whatever the event declares: a tracker cannot send
-/// page views as `necessary` to get around consent.
-pub fn kind_purpose(kind: EventKind) -> Purpose {
-    match kind {
-        EventKind::ConsentChange => Purpose::Necessary,
-        EventKind::EmailOpened | EventKind::EmailClicked => Purpose::Marketing,
-        EventKind::Page
-        | EventKind::Track
-        | EventKind::Identify
-        | EventKind::Alias
-        | EventKind::ProductViewed
-        | EventKind::CartAdd
-        | EventKind::CartRemove
-        | EventKind::CheckoutStarted
-        | EventKind::OrderCompleted => Purpose::Analytics,
-    }
-}
-
 /// Why a batch as a whole cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IdentityError {
@@ -92,12 +74,12 @@ pub fn prepare(batch: wire::Batch, received_at: OffsetDateTime) -> Result<Prepar
     let mut prepared = Prepared::default();
     for (index, e) in batch.events.into_iter().enumerate() {
         let reject = |reason: String| Rejected { index, reason };
+        // The kind's least purpose (wire's table, shared with the tracker) as well as the
+        // declared one: a tracker cannot send page views as `necessary` to skip consent.
+        let least = purpose(e.kind.least_purpose());
         let kind = kind(e.kind);
         let purpose = purpose(e.purpose);
-        if let Some(missing) = [purpose, kind_purpose(kind)]
-            .into_iter()
-            .find(|p| !mask.allows(*p))
-        {
+        if let Some(missing) = [purpose, least].into_iter().find(|p| !mask.allows(*p)) {
             prepared.consent_dropped += 1;
             prepared
                 .rejected

@@ -12,7 +12,7 @@ use wire::decode::{MAX_ITEMS, MAX_PROPERTIES, MAX_STRING_BYTES};
 use wire::{EventKind, Item, Property, Purpose, Value};
 
 use crate::batch::Policy;
-use crate::consent::{self, Update};
+use crate::consent::Update;
 use crate::session;
 use crate::text;
 
@@ -78,7 +78,7 @@ impl Config {
         let mut purposes = [Purpose::Analytics; 12];
         for (i, p) in purposes.iter_mut().enumerate() {
             if let Some(kind) = EventKind::from_u8(i as u8) {
-                *p = consent::kind_purpose(kind);
+                *p = kind.least_purpose();
                 let set = num(10 + i, 0.0, 3.0).and_then(|v| Purpose::from_u8(v as u8));
                 if let (Some(purpose), false) = (set, kind == EventKind::ConsentChange) {
                     *p = purpose;

@@ -166,24 +166,6 @@ impl Consent {
     }
 }
 
-/// The least purpose each kind needs; the same table as the collector's
-/// `ingest::pipeline::kind_purpose`, which rejects events whose batch lacks it.
-pub fn kind_purpose(kind: EventKind) -> Purpose {
-    match kind {
-        EventKind::ConsentChange => Purpose::Necessary,
-        EventKind::EmailOpened | EventKind::EmailClicked => Purpose::Marketing,
-        EventKind::Page
-        | EventKind::Track
-        | EventKind::Identify
-        | EventKind::Alias
-        | EventKind::ProductViewed
-        | EventKind::CartAdd
-        | EventKind::CartRemove
-        | EventKind::CheckoutStarted
-        | EventKind::OrderCompleted => Purpose::Analytics,
-    }
-}
-
 /// The purpose called `name` in the API (`"analytics"`, ...).
 pub fn purpose_named(name: &str) -> Option<Purpose> {
     PURPOSES.iter().find(|(n, _)| *n == name).map(|(_, p)| *p)
@@ -275,26 +257,5 @@ mod tests {
         e.load_decisions("x.1");
         e.load_decisions("7");
         assert_eq!(e, Consent::default());
-    }
-
-    #[test]
-    fn kind_purposes_match_the_collector() {
-        use EventKind::*;
-        for kind in [
-            Page,
-            Track,
-            Identify,
-            Alias,
-            ProductViewed,
-            CartAdd,
-            CartRemove,
-            CheckoutStarted,
-            OrderCompleted,
-        ] {
-            assert_eq!(kind_purpose(kind), Purpose::Analytics);
-        }
-        assert_eq!(kind_purpose(EmailOpened), Purpose::Marketing);
-        assert_eq!(kind_purpose(EmailClicked), Purpose::Marketing);
-        assert_eq!(kind_purpose(ConsentChange), Purpose::Necessary);
     }
 }

@@ -566,7 +566,7 @@ impl Tracker {
         if self.touch_session(ev.timestamp_ms as f64) {
             self.refresh_ctx();
         }
-        let need = (1 << ev.purpose as u8) | (1 << consent::kind_purpose(ev.kind) as u8);
+        let need = (1 << ev.purpose as u8) | (1 << ev.kind.least_purpose() as u8);
         match self.consent.gate(need) {
             Gate::Send => self.queue.push(ev, &self.ctx, self.consent.granted(), need),
             Gate::Hold => {

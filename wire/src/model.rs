@@ -56,6 +56,28 @@ impl EventKind {
     }
 }
 
+impl EventKind {
+    /// The least consent purpose this kind needs, whatever an event declares: the tracker
+    /// holds events back until it is granted and the collector rejects events whose batch
+    /// lacks it. Consent changes need only `necessary`, email engagement `marketing`,
+    /// everything else `analytics`.
+    pub fn least_purpose(self) -> Purpose {
+        match self {
+            EventKind::ConsentChange => Purpose::Necessary,
+            EventKind::EmailOpened | EventKind::EmailClicked => Purpose::Marketing,
+            EventKind::Page
+            | EventKind::Track
+            | EventKind::Identify
+            | EventKind::Alias
+            | EventKind::ProductViewed
+            | EventKind::CartAdd
+            | EventKind::CartRemove
+            | EventKind::CheckoutStarted
+            | EventKind::OrderCompleted => Purpose::Analytics,
+        }
+    }
+}
+
 /// A consent purpose; the batch's consent mask has bit `1 << (purpose as u8)` when granted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 #[repr(u8)]
