@@ -4,7 +4,7 @@
 
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
-import { BASE_URL, profile, waitFor, withBrowser } from './harness.mjs';
+import { BASE_URL, profile, startProxy, waitFor, withBrowser } from './harness.mjs';
 
 /** A fresh browser context (empty storage) with the consent banner already answered. */
 async function context(browser, consent) {
@@ -89,6 +89,41 @@ test('an action right before the page closes is delivered by the beacon', async 
     const p = await profileWhere(id, (p) => p.event_counts['Closed Right Away'] === 1, 'the last event');
     assert.equal(p.page_views, 1);
   });
+});
+
+test('collector down: events stay stored and the next page load delivers them once', async () => {
+  const proxy = await startProxy();
+  try {
+    await withBrowser(async (browser) => {
+      const ctx = await context(browser, ALL);
+      let page = await ctx.newPage();
+      proxy.setDown(true);
+      await page.goto(`${proxy.url}/`);
+      const id = await anonymousId(page);
+      await page.evaluate(() => { pz.track('While Down', { n: 1 }); pz.flush(); });
+      await waitFor(() => page.evaluate(() => pz.debug().retries >= 2), { what: 'two refused tries' });
+      const stored = await page.evaluate(() => Object.keys(localStorage).filter((k) => k.startsWith('pz_q_')).length);
+      assert.ok(stored >= 1, 'the unsent batch is stored');
+      await page.close({ runBeforeUnload: true });
+      await new Promise((r) => setTimeout(r, 500));
+      assert.equal(await profile(id), null, 'nothing got through while the collector was down');
+      proxy.setDown(false);
+      page = await ctx.newPage();
+      await page.goto(`${proxy.url}/cart.html`);
+      const p = await profileWhere(id, (p) => p.event_counts['While Down'] === 1 && p.page_views === 2,
+        'the stored events and the new page view');
+      assert.equal(p.page_views, 2);
+      // Retries and the beacons sent at close carried the same message ids: counted once.
+      await page.evaluate(() => pz.flush());
+      await new Promise((r) => setTimeout(r, 1500));
+      const settled = await profile(id);
+      assert.equal(settled.event_counts['While Down'], 1);
+      assert.equal(settled.page_views, 2);
+      assert.ok(proxy.state.refused >= 2, `refused ${proxy.state.refused}`);
+    });
+  } finally {
+    await proxy.close();
+  }
 });
 
 test('two tabs of one visitor share the profile and count each event once', async () => {

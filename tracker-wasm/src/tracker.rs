@@ -530,7 +530,9 @@ impl Tracker {
             b.hold_until = now + BEACON_HOLD_MS;
             budget -= b.body.len();
         }
-        self.closed = closed;
+        // Browsers fire `pagehide` before the last `visibilitychange`: a page that has gone
+        // stays gone until `pageshow` (Signal::Visible) brings it back.
+        self.closed |= closed;
         self.save(env, now);
     }
 

@@ -273,8 +273,9 @@ fn a_closed_page_beacons_and_the_next_page_sends_what_may_be_lost() {
     nav(&mut t, &mut b, "https://shop.example/a");
     track(&mut t, &mut b, "clicked");
     b.now += 2000.0;
-    t.signal(&mut b, Signal::Hidden);
+    // The order browsers use when a page unloads.
     t.signal(&mut b, Signal::PageHide);
+    t.signal(&mut b, Signal::Hidden);
     let sent = b.take_sent();
     assert_eq!(sent.len(), 1);
     assert_eq!(sent[0].1, 0, "a beacon");
