@@ -35,29 +35,58 @@ async function profileWhere(id, check, what) {
   }, { what });
 }
 
-test('consent denied: nothing but the consent record reaches the collector', async () => {
-  // Checked at the collector, not by watching requests: beacons sent while a page unloads
-  // do not show up in the browser's request events.
+test('consent denied: no request leaves the page', async () => {
+  // Counted at a proxy in front of the collector, not by watching the browser's requests:
+  // beacons sent while a page unloads do not show up in its request events.
+  const proxy = await startProxy();
+  try {
+    await withBrowser(async (browser) => {
+      const ctx = await context(browser, NONE);
+      const page = await ctx.newPage();
+      await page.goto(`${proxy.url}/`);
+      const first = await anonymousId(page);
+      await page.click('a[data-product-id]');
+      await page.waitForSelector('#add-to-cart');
+      const second = await anonymousId(page);
+      assert.notEqual(second, first, 'without consent every page gets its own id, nothing is stored');
+      await page.click('#add-to-cart');
+      await page.evaluate(() => { pz.track('Should Not Arrive'); pz.flush(); });
+      await page.waitForTimeout(1500);
+      const state = await page.evaluate(() => pz.debug());
+      assert.equal(state.persistent, false);
+      assert.ok(state.consentDropped >= 3, JSON.stringify(state));
+      assert.deepEqual(await page.evaluate(() => Object.keys(localStorage).filter((k) => k.startsWith('pz_')).sort()),
+        ['pz_c'], 'only the refusal itself is remembered');
+      await page.close({ runBeforeUnload: true });
+      await new Promise((r) => setTimeout(r, 1000));
+      assert.equal(proxy.state.batches + proxy.state.refused, 0, 'no batch was sent');
+      assert.equal(await profile(first), null);
+      assert.equal(await profile(second), null);
+    });
+  } finally {
+    await proxy.close();
+  }
+});
+
+test('consent withdrawn after a grant is sent, and nothing after it', async () => {
   await withBrowser(async (browser) => {
-    const ctx = await context(browser, NONE);
+    const ctx = await context(browser, ALL);
     const page = await ctx.newPage();
     await page.goto(`${BASE_URL}/`);
-    const first = await anonymousId(page);
-    await page.click('a[data-product-id]');
-    await page.waitForSelector('#add-to-cart');
-    const second = await anonymousId(page);
-    assert.notEqual(second, first, 'without consent every page gets its own id, nothing is stored');
-    await page.click('#add-to-cart');
-    await page.evaluate(() => { pz.track('Should Not Arrive'); pz.flush(); });
-    await page.waitForTimeout(1500);
-    await page.close({ runBeforeUnload: true });
+    const id = await anonymousId(page);
+    await page.evaluate(() => pz.flush());
+    await profileWhere(id, (p) => p.page_views === 1, 'the first page view');
+    await page.evaluate(() => {
+      pz.consent({ analytics: false, personalization: false, marketing: false });
+      pz.track('After Withdrawal');
+      pz.flush();
+    });
+    const p = await profileWhere(id, (p) => p.consent?.analytics?.status === 'denied', 'the withdrawal');
     await new Promise((r) => setTimeout(r, 1000));
-    // The refusal itself is recorded (necessary, the audit trail), nothing else.
-    const p = await profileWhere(first, (p) => p.events >= 1, 'the consent record');
-    assert.deepEqual(p.event_counts, { consent_change: 1 });
-    assert.equal(p.consent.analytics.status, 'denied');
-    assert.equal(p.consent.marketing.status, 'denied');
-    assert.equal(await profile(second), null, 'the unchanged choice is not sent again, no event is');
+    const settled = await profile(id);
+    assert.equal(settled.event_counts['After Withdrawal'], undefined);
+    assert.equal(settled.consent.marketing.status, 'denied');
+    assert.equal(p.page_views, 1);
   });
 });
 

@@ -40,7 +40,9 @@
 //!
 //! Decisions (from `pz.consent`, TCF, Consent Mode `update`) are stored (`pz_c`) and each
 //! change is sent as a `consent_change` event (purpose necessary, with the source in property
-//! `source`). Defaults (`consentDefaults`, GPC, Consent Mode `default`) apply where nothing is
+//! `source`, and the whole state in the event's granted / denied masks) once the visitor has
+//! granted anything beyond `necessary`: a visitor who only ever refused has no profile, and
+//! no request at all leaves the page for them. Defaults (`consentDefaults`, GPC, Consent Mode `default`) apply where nothing is
 //! decided and are not events. `necessary` is always granted.
 //!
 //! # Event kinds and purposes

@@ -15,7 +15,7 @@ use wire::{Context, Event, EventKind, Property, Value};
 use crate::api::{self, ApiEvent, Config};
 use crate::backoff::{self, Backoff, Outcome};
 use crate::batch;
-use crate::consent::{self, ANALYTICS, Consent, Gate, PERSONALIZATION, State, Update};
+use crate::consent::{self, ANALYTICS, Consent, Gate, NECESSARY, PERSONALIZATION, State, Update};
 use crate::page::PageViews;
 use crate::persist::{self, Header, Storage};
 use crate::queue::Queue;
@@ -436,7 +436,12 @@ impl Tracker {
             env.set(persist::CONSENT_KEY, &self.consent.encode_decisions());
         }
         self.consent_moved(env, before, now);
-        if decided {
+        // A visitor who has granted nothing beyond `necessary`, before or now, has no
+        // profile: a refusal then sends nothing at all (the site's consent banner keeps its
+        // own proof). From the first grant on, every change is sent, carrying the whole
+        // state, so the profile's audit trail is complete from the moment it exists.
+        let optional = (before.granted() | self.consent.granted()) & !NECESSARY;
+        if decided && optional != 0 {
             let mut ev = self.event(env, EventKind::ConsentChange, now);
             ev.consent_granted = self.consent.granted();
             ev.consent_denied = self.consent.denied();

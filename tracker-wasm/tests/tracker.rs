@@ -179,6 +179,34 @@ fn pending_events_wait_in_memory_and_go_out_once_granted() {
 }
 
 #[test]
+fn a_first_refusal_sends_nothing_and_a_later_grant_sends_the_whole_state() {
+    let store = shared();
+    let mut b = Browser::new(&store);
+    let mut t = init(&mut b, 0, 0, 20);
+    nav(&mut t, &mut b, "https://shop.example/");
+    track(&mut t, &mut b, "refused");
+    consent(&mut t, &mut b, 0, 2 | 4 | 8);
+    tick_after(&mut t, &mut b, 60_000.0);
+    assert!(b.take_sent().is_empty(), "no request leaves the page");
+    assert!(t.debug().contains("\"consentDropped\":2"), "{}", t.debug());
+
+    consent(&mut t, &mut b, 2, 0);
+    b.now += 1000.0;
+    let sent = drain(&mut t, &mut b);
+    let changes: Vec<(u8, u8)> = sent
+        .iter()
+        .flat_map(|(b, _)| &b.events)
+        .filter(|e| e.kind == EventKind::ConsentChange)
+        .map(|e| (e.consent_granted, e.consent_denied))
+        .collect();
+    assert_eq!(
+        changes,
+        [(1 | 2, 4 | 8)],
+        "one change, with the earlier refusals"
+    );
+}
+
+#[test]
 fn denial_discards_held_events_and_purges_storage() {
     let store = shared();
     let mut b = Browser::new(&store);
