@@ -1,8 +1,13 @@
-// The pz snippet: paste its minified form (www/t/snippet.min.js, built by
-// `cargo xtask build-tracker`) inline into every page, then call pz.init(...) right away:
+// The pz snippet. A page carries its minified form inline in <head>, then calls
+// pz.init(...) right away:
 //
-//   <script>/* snippet.min.js */</script>
+//   <script>/* minified snippet */</script>
 //   <script>pz.init({writeKey: 'demo', endpoint: '/v1/fb'});</script>
+//
+// `cargo xtask build-tracker` minifies it with a pinned terser into www/t/snippet.min.js (the
+// file a site copies) and writes it inline into every demo page (www/*.html), between the
+// "pz tracker snippet" BEGIN and END markers. After editing this file, run that command and
+// commit the pages: `cargo xtask test` fails while a page carries another version.
 //
 // It defines window.pz with one stub per API method; each call is queued as
 // [name, arguments, time]. It then loads <base>pz.js asynchronously (base: the last

@@ -1,11 +1,31 @@
 //! `build-tracker`: builds the browser tracker into `www/t/` (`snippet.min.js`, `pz.js`,
-//! `pz_bg.wasm`) and reports what a page loads, gzip -9.
+//! `pz_bg.wasm`), inlines the minified snippet into the demo pages and reports what a page
+//! loads, gzip -9.
+//!
+//! Every demo page (`www/*.html`) carries the snippet inline, in a block between
+//! `<!-- pz tracker snippet: BEGIN ... -->` and `<!-- pz tracker snippet: END -->`: the
+//! markers, `<script>` + `www/t/snippet.min.js` + `</script>`, and the page's `pz.init` call.
+//! The pages are committed with that block, so they work as they are; terser is pinned, so
+//! the same `snippet.js` always gives the same block.
+//!
+//! Who writes the block and who only compares:
+//! - `cargo xtask build-tracker` and `cargo xtask demo` rewrite the blocks that differ
+//!   ([`Pages::Write`]), so a developer who changes `snippet.js` just rebuilds and commits.
+//! - `cargo xtask build-tracker --check` and `cargo xtask test` change no page: they compare
+//!   ([`Pages::Check`]) and fail naming the stale pages and the command that fixes them. CI
+//!   runs `cargo xtask test` on a fresh clone; if the test run rewrote the pages it would test
+//!   the fresh block and a stale committed page would pass unnoticed.
+//!
+//! `www/t/` is not committed and is rebuilt every time, `snippet.min.js` included (the size
+//! report measures it, and a site can copy it from there). `--check` also enforces the size
+//! budget, which `cargo xtask test` does not run yet: the tracker is over it.
 //!
 //! Tools are installed under `target/tools` on first use and reused while their versions
 //! match: the wasm32 target (rustup), `wasm-bindgen-cli` of exactly the version of the
 //! `wasm-bindgen` crate in `Cargo.lock` (`cargo install --root target/tools`), and the npm
 //! packages pinned by `tracker-wasm/js/package-lock.json` (binaryen's `wasm-opt`, `terser`).
 
+use std::fmt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -36,6 +56,18 @@ const WASM_FEATURES: &[&str] = &[
     "--enable-multivalue",
 ];
 const NPM_INSTALL: &str = "Node.js 18+ with npm (Debian: sudo apt-get install -y nodejs npm)";
+/// The demo pages, relative to the workspace root: every `*.html` file in it has a snippet block.
+const PAGES_DIR: &str = "www";
+/// How a page's snippet block starts; the rest of that comment is rewritten with the block.
+const BEGIN_MARKER: &str = "<!-- pz tracker snippet: BEGIN";
+/// How a page's snippet block ends.
+const END_MARKER: &str = "<!-- pz tracker snippet: END -->";
+/// The first line of the block as written.
+const BEGIN_LINE: &str = "<!-- pz tracker snippet: BEGIN (written by cargo xtask build-tracker \
+                          from tracker-wasm/snippet.js; edit that, not this) -->";
+/// The demo pages' init call, the same on every page, right after the snippet (which defines
+/// `pz`, so no guard is needed).
+const PAGE_INIT: &str = "<script>pz.init({writeKey: 'demo', endpoint: '/v1/fb'});</script>";
 
 /// One built file: name, bytes, gzip -9 bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,22 +80,52 @@ pub struct Built {
     pub gzip: u64,
 }
 
-/// Builds the tracker, prints the sizes and returns them.
+/// `cargo xtask build-tracker [--check]`: builds `www/t/` and prints the sizes, then writes
+/// the pages' snippet blocks that differ; with `check`, changes no page and fails when a
+/// block is stale or the tracker is over its size budget (reporting both).
 ///
 /// # Errors
-/// A tool is missing or cannot be installed, or a build step fails.
-pub fn run() -> anyhow::Result<Vec<Built>> {
+/// A tool is missing or cannot be installed, a build step fails, a page has no snippet
+/// block, or (with `check`) as above.
+pub fn run(check: bool) -> anyhow::Result<()> {
     let ws = Workspace::locate()?;
-    let built = build(&ws)?;
+    let built = build_files(&ws)?;
     print_sizes(&built);
+    if !check {
+        return inline_snippet(&ws, Pages::Write);
+    }
+    let mut problems: Vec<anyhow::Error> =
+        [inline_snippet(&ws, Pages::Check), check_budget(&built)]
+            .into_iter()
+            .filter_map(Result::err)
+            .collect();
+    match problems.len() {
+        0 => Ok(()),
+        1 => Err(problems.remove(0)),
+        n => {
+            let list: Vec<String> = problems.iter().map(|p| format!("  - {p:#}")).collect();
+            bail!("{n} problems:\n{}", list.join("\n"))
+        }
+    }
+}
+
+/// Builds `www/t/`, writes the pages' snippet blocks that differ, and returns the size of
+/// each file: a developer's build (`cargo xtask demo`).
+///
+/// # Errors
+/// A tool is missing or cannot be installed, a build step fails, or a page has no snippet
+/// block.
+pub fn build(ws: &Workspace) -> anyhow::Result<Vec<Built>> {
+    let built = build_files(ws)?;
+    inline_snippet(ws, Pages::Write)?;
     Ok(built)
 }
 
-/// Builds `www/t/` and returns the size of each file.
+/// Builds `www/t/` and returns the size of each file; the pages are left alone.
 ///
 /// # Errors
 /// A tool is missing or cannot be installed, or a build step fails.
-pub fn build(ws: &Workspace) -> anyhow::Result<Vec<Built>> {
+pub fn build_files(ws: &Workspace) -> anyhow::Result<Vec<Built>> {
     tools::require_rust_target(WASM_TARGET)?;
     tools::require("gzip", "sudo apt-get install -y gzip")?;
     let wasm_bindgen = ensure_wasm_bindgen(ws)?;
@@ -197,6 +259,136 @@ pub fn check_budget(built: &[Built]) -> anyhow::Result<()> {
     } else {
         bail!("tracker over its size budget: {}", problems.join("; "))
     }
+}
+
+/// What [`inline_snippet`] does with a page whose snippet block differs from the built one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pages {
+    /// Rewrite the block (only pages that change are written).
+    Write,
+    /// Change nothing; fail naming the stale pages.
+    Check,
+}
+
+/// Puts the snippet built last (`www/t/snippet.min.js`) inline into the snippet block of
+/// every `www/*.html` page, or with [`Pages::Check`] checks that it is already there.
+///
+/// # Errors
+/// The snippet has not been built, a page has no block or a broken one (the error names
+/// the page), or, with [`Pages::Check`], some blocks differ (the error names the pages and
+/// the command that rewrites them).
+pub fn inline_snippet(ws: &Workspace, mode: Pages) -> anyhow::Result<()> {
+    let minified = read(&ws.root.join(OUT_DIR).join("snippet.min.js"))?;
+    update_pages(&ws.root, &snippet_block(&minified)?, mode)
+}
+
+/// [`inline_snippet`] on the pages under `root`, with the block to write.
+fn update_pages(root: &Path, block: &str, mode: Pages) -> anyhow::Result<()> {
+    let dir = root.join(PAGES_DIR);
+    let mut pages = Vec::new();
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry
+            .with_context(|| format!("reading {}", dir.display()))?
+            .path();
+        if path.extension().is_some_and(|e| e == "html") {
+            pages.push(path);
+        }
+    }
+    if pages.is_empty() {
+        bail!("{PAGES_DIR}/ has no .html pages to put the tracker snippet in");
+    }
+    pages.sort();
+
+    // Every page is read and rewritten in memory first, so a broken page stops all writes.
+    let mut stale = Vec::new();
+    for path in pages {
+        let name = path
+            .strip_prefix(root)
+            .unwrap_or(&path)
+            .display()
+            .to_string();
+        let page = read(&path)?;
+        let updated = replace_block(&page, block).with_context(|| name.clone())?;
+        if updated != page {
+            stale.push((path, name, updated));
+        }
+    }
+    match mode {
+        Pages::Write => {
+            for (path, name, updated) in stale {
+                write(&path, &updated)?;
+                println!("updated the tracker snippet in {name}");
+            }
+            Ok(())
+        }
+        Pages::Check if stale.is_empty() => Ok(()),
+        Pages::Check => {
+            let names: Vec<&str> = stale.iter().map(|(_, name, _)| name.as_str()).collect();
+            bail!(
+                "stale tracker snippet in {} (not what `cargo xtask build-tracker` writes from \
+                 tracker-wasm/snippet.js): run `cargo xtask build-tracker` and commit the result",
+                names.join(", ")
+            )
+        }
+    }
+}
+
+/// The snippet block of every page: the markers around the minified snippet, inline, and
+/// the init call.
+///
+/// # Errors
+/// The snippet contains text that would end or disturb an inline `<script>` element.
+fn snippet_block(minified: &str) -> anyhow::Result<String> {
+    let code = minified.trim();
+    // An HTML parser ends a script element at the first `</script`, whatever the JS means
+    // there, and `<!--` in a script changes how it looks for that end.
+    let lower = code.to_ascii_lowercase();
+    if lower.contains("</script") || code.contains("<!--") {
+        bail!("snippet.min.js contains `</script` or `<!--`, so it cannot be inlined in a page");
+    }
+    Ok(format!(
+        "{BEGIN_LINE}\n<script>{code}</script>\n{PAGE_INIT}\n{END_MARKER}"
+    ))
+}
+
+/// Why a page's snippet block cannot be found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BlockError {
+    /// No BEGIN marker.
+    NoBegin,
+    /// A BEGIN marker with no END marker after it.
+    NoEnd,
+    /// More than one BEGIN marker.
+    TwoBegins,
+}
+
+impl fmt::Display for BlockError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BlockError::NoBegin => write!(f, "no `{BEGIN_MARKER} -->` marker"),
+            BlockError::NoEnd => write!(
+                f,
+                "`{BEGIN_MARKER} -->` marker with no `{END_MARKER}` after it"
+            ),
+            BlockError::TwoBegins => write!(f, "more than one `{BEGIN_MARKER} -->` marker"),
+        }
+    }
+}
+
+impl std::error::Error for BlockError {}
+
+/// `page` with its snippet block, from the start of the BEGIN marker to the end of the END
+/// marker, replaced by `block`. Everything else is kept byte for byte.
+fn replace_block(page: &str, block: &str) -> Result<String, BlockError> {
+    let start = page.find(BEGIN_MARKER).ok_or(BlockError::NoBegin)?;
+    let rest = &page[start + BEGIN_MARKER.len()..];
+    if rest.contains(BEGIN_MARKER) {
+        return Err(BlockError::TwoBegins);
+    }
+    let end = page.len() - rest.len()
+        + rest.find(END_MARKER).ok_or(BlockError::NoEnd)?
+        + END_MARKER.len();
+    Ok(format!("{}{block}{}", &page[..start], &page[end..]))
 }
 
 /// The version of the `wasm-bindgen` crate in `Cargo.lock`: the CLI must match it exactly.
@@ -351,6 +543,184 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "tracker over its size budget: snippet.min.js is 1025 bytes, budget 1024"
+        );
+    }
+
+    const MINIFIED: &str = "!function(w){w.pz={}}(window);\n";
+
+    fn page(block: &str) -> String {
+        format!(
+            "<head>\n<title>x</title>\n{block}\n<link rel=\"stylesheet\" href=\"a.css\">\n</head>\n"
+        )
+    }
+
+    const OLD_BLOCK: &str = "<!-- pz tracker snippet: BEGIN (the same two lines on every page) -->\n\
+                             <script src=\"/t/snippet.min.js\"></script>\n\
+                             <script>window.pz && pz.init({writeKey: 'demo', endpoint: '/v1/fb'});</script>\n\
+                             <!-- pz tracker snippet: END -->";
+
+    #[test]
+    fn the_block_is_the_snippet_inline_then_the_init_call() {
+        assert_eq!(
+            snippet_block(MINIFIED).unwrap(),
+            "<!-- pz tracker snippet: BEGIN (written by cargo xtask build-tracker from \
+             tracker-wasm/snippet.js; edit that, not this) -->\n\
+             <script>!function(w){w.pz={}}(window);</script>\n\
+             <script>pz.init({writeKey: 'demo', endpoint: '/v1/fb'});</script>\n\
+             <!-- pz tracker snippet: END -->"
+        );
+    }
+
+    #[test]
+    fn a_snippet_that_would_end_its_script_element_is_refused() {
+        for code in ["var s='</SCRIPT>';", "var s='<!--';"] {
+            let err = snippet_block(code).unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                "snippet.min.js contains `</script` or `<!--`, so it cannot be inlined in a page"
+            );
+        }
+    }
+
+    #[test]
+    fn only_the_text_from_begin_to_end_marker_is_replaced() {
+        let block = snippet_block(MINIFIED).unwrap();
+        assert_eq!(
+            replace_block(&page(OLD_BLOCK), &block).unwrap(),
+            page(&block)
+        );
+        // Text before the marker on its line (indentation) and after END stays.
+        assert_eq!(
+            replace_block(
+                "  <!-- pz tracker snippet: BEGIN --> old <!-- pz tracker snippet: END --> after",
+                "NEW"
+            )
+            .unwrap(),
+            "  NEW after"
+        );
+    }
+
+    #[test]
+    fn rewriting_is_idempotent() {
+        let block = snippet_block(MINIFIED).unwrap();
+        let once = replace_block(&page(OLD_BLOCK), &block).unwrap();
+        assert_eq!(replace_block(&once, &block).unwrap(), once);
+    }
+
+    #[test]
+    fn a_page_without_a_whole_block_is_an_error() {
+        let block = "NEW";
+        assert_eq!(
+            replace_block("<head></head>", block),
+            Err(BlockError::NoBegin)
+        );
+        assert_eq!(
+            replace_block(
+                "<!-- pz tracker snippet: END --><!-- pz tracker snippet: BEGIN -->",
+                block
+            ),
+            Err(BlockError::NoEnd)
+        );
+        assert_eq!(
+            replace_block(
+                &page(OLD_BLOCK).replace("<!-- pz tracker snippet: END -->", ""),
+                block
+            ),
+            Err(BlockError::NoEnd)
+        );
+        assert_eq!(
+            replace_block(&format!("{OLD_BLOCK}\n{OLD_BLOCK}"), block),
+            Err(BlockError::TwoBegins)
+        );
+        assert_eq!(
+            BlockError::NoEnd.to_string(),
+            "`<!-- pz tracker snippet: BEGIN -->` marker with no `<!-- pz tracker snippet: END -->` after it"
+        );
+    }
+
+    /// A workspace root with `www/` holding `pages` (name, text) and a stylesheet.
+    fn site(pages: &[(&str, &str)]) -> tempfile::TempDir {
+        let root = tempfile::tempdir().unwrap();
+        let www = root.path().join("www");
+        std::fs::create_dir(&www).unwrap();
+        std::fs::write(www.join("styles.css"), "p {}").unwrap();
+        for (name, text) in pages {
+            std::fs::write(www.join(name), text).unwrap();
+        }
+        root
+    }
+
+    fn mtime(path: &Path) -> std::time::SystemTime {
+        std::fs::metadata(path).unwrap().modified().unwrap()
+    }
+
+    #[test]
+    fn check_names_the_stale_pages_and_changes_nothing() {
+        let block = snippet_block(MINIFIED).unwrap();
+        let (stale, current) = (page(OLD_BLOCK), page(&block));
+        let root = site(&[("b.html", &stale), ("a.html", &current), ("c.html", &stale)]);
+        let err = update_pages(root.path(), &block, Pages::Check).unwrap_err();
+        assert_eq!(
+            format!("{err:#}"),
+            "stale tracker snippet in www/b.html, www/c.html (not what `cargo xtask build-tracker` \
+             writes from tracker-wasm/snippet.js): run `cargo xtask build-tracker` and commit the result"
+        );
+        let read_page =
+            |name: &str| std::fs::read_to_string(root.path().join("www").join(name)).unwrap();
+        assert_eq!(read_page("b.html"), stale);
+        assert_eq!(read_page("c.html"), stale);
+    }
+
+    #[test]
+    fn write_rewrites_only_the_stale_pages_then_check_passes() {
+        let block = snippet_block(MINIFIED).unwrap();
+        let current = page(&block);
+        let root = site(&[("a.html", &current), ("b.html", &page(OLD_BLOCK))]);
+        let www = root.path().join("www");
+        let long_ago =
+            std::time::SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000);
+        std::fs::File::options()
+            .write(true)
+            .open(www.join("a.html"))
+            .unwrap()
+            .set_modified(long_ago)
+            .unwrap();
+
+        update_pages(root.path(), &block, Pages::Write).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(www.join("b.html")).unwrap(),
+            current
+        );
+        assert_eq!(
+            mtime(&www.join("a.html")),
+            long_ago,
+            "a current page is not written"
+        );
+        update_pages(root.path(), &block, Pages::Check).unwrap();
+    }
+
+    #[test]
+    fn a_page_without_markers_is_named() {
+        let block = snippet_block(MINIFIED).unwrap();
+        let root = site(&[("a.html", &page(OLD_BLOCK)), ("bad.html", "<head></head>")]);
+        for mode in [Pages::Write, Pages::Check] {
+            let err = update_pages(root.path(), &block, mode).unwrap_err();
+            assert_eq!(
+                format!("{err:#}"),
+                "www/bad.html: no `<!-- pz tracker snippet: BEGIN -->` marker"
+            );
+        }
+        let a = std::fs::read_to_string(root.path().join("www/a.html")).unwrap();
+        assert_eq!(
+            a,
+            page(OLD_BLOCK),
+            "a broken page stops the rewrite of all pages"
+        );
+        let empty = site(&[]);
+        let err = update_pages(empty.path(), &block, Pages::Write).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "www/ has no .html pages to put the tracker snippet in"
         );
     }
 }

@@ -1,7 +1,8 @@
 //! `cargo xtask`: the project's tasks, in Rust so they run the same on every machine.
 //!
 //! - [`gen_wire`]: regenerate (or check) the FlatBuffers code checked in under `wire`.
-//! - [`build_tracker`]: the browser tracker into `www/t/`, with its gzip sizes.
+//! - [`build_tracker`]: the browser tracker into `www/t/`, with its gzip sizes, and its
+//!   snippet inline in the demo pages.
 //! - [`demo`]: the collector and a private Redis, serving the demo shop until Ctrl-C.
 //! - [`test`]: every test suite, in order, with the binaries the end-to-end tests start.
 //! - [`bench`]: the collector under load, next to a raw Redis baseline.
@@ -43,12 +44,14 @@ enum Task {
         #[arg(long)]
         check: bool,
     },
-    /// Build the browser tracker into www/t/ and print its gzip -9 sizes.
+    /// Build the browser tracker into www/t/, print its gzip -9 sizes and write the minified
+    /// snippet inline into the www/*.html pages that differ.
     ///
     /// Installs what it needs under target/tools on first use: the wasm32 target,
     /// wasm-bindgen-cli matching the wasm-bindgen crate, wasm-opt and terser from npm.
     BuildTracker {
-        /// Also fail when the files are over the size budget (as `cargo xtask test` does).
+        /// Change no page: fail when a page's inline snippet differs from the built one
+        /// (`cargo xtask test` checks this too) or when the files are over the size budget.
         #[arg(long)]
         check: bool,
     },
@@ -75,12 +78,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.task {
         Task::GenWire { check } => gen_wire::run(check),
-        Task::BuildTracker { check } => build_tracker::run().and_then(|built| {
-            if check {
-                build_tracker::check_budget(&built)?;
-            }
-            Ok(())
-        }),
+        Task::BuildTracker { check } => build_tracker::run(check),
         Task::Demo => demo::run(),
         Task::Test => test::run(),
         Task::Bench { loadgen_args } => bench::run(&loadgen_args),
