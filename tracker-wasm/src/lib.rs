@@ -4,8 +4,9 @@
 //! with a call queue and loads `pz.js`: the wasm-bindgen glue plus a small loader
 //! (`js/loader.js`) that starts this module, replays the queue, checks the page's arguments,
 //! installs the page listeners and delivers batches. Each call reaches Rust as one text
-//! message ([`msg`]). Events pass through the consent gate into a bounded queue; the timer
-//! seals them into `wire` batches, which go to the collector with
+//! message ([`msg`]). Events pass through the consent gate, encoded once
+//! (`wire::encode::event`), into a bounded queue; the timer seals them into `wire` batches
+//! by copying bytes, which go to the collector with
 //! `fetch(..., {keepalive: true})`, or `sendBeacon` when the page goes away, and are retried
 //! with backoff until acknowledged.
 //!
@@ -20,8 +21,7 @@
 //! - [`backoff`]: what an answer means and how long to wait before retrying.
 //! - [`session`]: session ids; [`page`]: UTM parameters and page-view dedupe.
 //! - [`persist`]: localStorage keys, the stored queue format, tabs sharing storage.
-//! - [`fb`]: a small FlatBuffers writer for the `wire` schema; [`text`]: text without
-//!   `core::fmt`.
+//! - [`text`]: text without `core::fmt`.
 //!
 //! On wasm32 a thin `shell` module binds it to the browser with wasm-bindgen and web-sys.
 //! There the crate is `no_std` with a small allocator and a panic handler that traps, so
@@ -60,7 +60,6 @@ pub mod api;
 pub mod backoff;
 pub mod batch;
 pub mod consent;
-pub mod fb;
 pub mod msg;
 pub mod page;
 pub mod persist;

@@ -1,24 +1,50 @@
-//! The bounded queue. Events first wait unsealed, in segments that share a context, a
-//! consent mask and the purposes they need; the timer seals segments into encoded batches,
-//! which wait until the collector acknowledges them. When the queue is over its cap, the
-//! oldest events are dropped and counted.
+//! The bounded queue. Events, encoded when they are recorded ([`Piece`]), first wait
+//! unsealed, in segments that share a context, a consent mask and the purposes they need;
+//! the timer seals segments into batches, which wait until the collector acknowledges them.
+//! When the queue is over its cap, the oldest events are dropped and counted.
 
 use alloc::rc::Rc;
 use alloc::vec::Vec;
 
-use wire::{Context, Event};
+use wire::Event;
+
+/// One event, encoded as a piece of the batch it will join (`wire::encode::event`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Piece {
+    /// Its message id.
+    pub id: [u8; 16],
+    /// When it happened (Unix ms).
+    pub ts: f64,
+    /// The encoded event.
+    pub bytes: Vec<u8>,
+}
+
+impl Piece {
+    /// Encodes `ev`.
+    pub fn new(ev: &Event) -> Piece {
+        Piece {
+            id: ev.message_id,
+            ts: ev.timestamp_ms as f64,
+            bytes: wire::encode::event(ev),
+        }
+    }
+}
+
+/// The encoded page context events happened in (`wire::encode::context`), shared by the
+/// events of one page state.
+pub type Ctx = Rc<Vec<u8>>;
 
 /// Unsealed events that can share a batch.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Segment {
     /// The page context they happened in.
-    pub ctx: Rc<Context>,
+    pub ctx: Ctx,
     /// Purposes granted when they were queued: the batch's consent mask.
     pub mask: u8,
     /// Purposes they need (each event's declared purpose and its kind's least purpose).
     pub need: u8,
     /// The events, oldest first.
-    pub events: Vec<Event>,
+    pub events: Vec<Piece>,
 }
 
 /// An encoded batch waiting for an acknowledgement.
@@ -92,18 +118,8 @@ impl Queue {
 
     /// Appends `ev` to the last segment when it shares `ctx` (the same allocation), `mask`
     /// and `need`, else to a new one; then drops the oldest events while over the cap.
-    pub fn push(&mut self, ev: Event, ctx: &Rc<Context>, mask: u8, need: u8) {
-        match self.segments.last_mut() {
-            Some(s) if Rc::ptr_eq(&s.ctx, ctx) && s.mask == mask && s.need == need => {
-                s.events.push(ev)
-            }
-            _ => self.segments.push(Segment {
-                ctx: ctx.clone(),
-                mask,
-                need,
-                events: alloc::vec![ev],
-            }),
-        }
+    pub fn push(&mut self, ev: Piece, ctx: &Ctx, mask: u8, need: u8) {
+        append(&mut self.segments, ev, ctx, mask, need);
         self.trim();
     }
 
@@ -140,7 +156,7 @@ impl Queue {
         self.segments
             .iter()
             .filter_map(|s| s.events.first())
-            .map(|e| e.timestamp_ms as f64)
+            .map(|e| e.ts)
             .reduce(|a, b| if a < b { a } else { b })
     }
 
@@ -199,29 +215,48 @@ impl Queue {
     }
 }
 
+/// Appends `ev` to the last of `segments` when it shares `ctx` (the same allocation),
+/// `mask` and `need`, else to a new segment.
+pub fn append(segments: &mut Vec<Segment>, ev: Piece, ctx: &Ctx, mask: u8, need: u8) {
+    match segments.last_mut() {
+        Some(s) if Rc::ptr_eq(&s.ctx, ctx) && s.mask == mask && s.need == need => s.events.push(ev),
+        _ => segments.push(Segment {
+            ctx: ctx.clone(),
+            mask,
+            need,
+            events: alloc::vec![ev],
+        }),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use wire::Context;
 
-    fn ev(ts: i64) -> Event {
-        Event {
+    fn ev(ts: i64) -> Piece {
+        Piece::new(&Event {
             message_id: [ts as u8; 16],
             timestamp_ms: ts,
             ..Event::default()
-        }
+        })
+    }
+
+    fn ctx() -> Ctx {
+        Rc::new(wire::encode::context(&Context::default()))
     }
 
     fn stamps(q: &Queue) -> Vec<Vec<i64>> {
         q.segments
             .iter()
-            .map(|s| s.events.iter().map(|e| e.timestamp_ms).collect())
+            .map(|s| s.events.iter().map(|e| e.ts as i64).collect())
             .collect()
     }
 
     #[test]
     fn events_share_a_segment_only_with_the_same_context_mask_and_need() {
-        let a = Rc::new(Context::default());
-        let b = Rc::new(Context::default());
+        let a = ctx();
+        let b = ctx();
         let mut q = Queue::new(100);
         q.push(ev(1), &a, 3, 2);
         q.push(ev(2), &a, 3, 2);
@@ -236,7 +271,7 @@ mod tests {
 
     #[test]
     fn a_full_queue_drops_the_oldest_events_and_counts_them() {
-        let ctx = Rc::new(Context::default());
+        let ctx = ctx();
         let mut q = Queue::new(3);
         for ts in 1..=5 {
             q.push(ev(ts), &ctx, 3, 2);
@@ -285,7 +320,7 @@ mod tests {
 
     #[test]
     fn purge_removes_what_needs_a_denied_purpose() {
-        let ctx = Rc::new(Context::default());
+        let ctx = ctx();
         let mut q = Queue::new(100);
         q.extend_sealed(alloc::vec![
             Sealed::new(alloc::vec![1], 2, 4),

@@ -18,7 +18,7 @@ use crate::batch;
 use crate::consent::{self, ANALYTICS, Consent, Gate, NECESSARY, PERSONALIZATION, State, Update};
 use crate::page::PageViews;
 use crate::persist::{self, Header, Storage};
-use crate::queue::Queue;
+use crate::queue::{self, Ctx, Piece, Queue, Segment};
 use crate::session::Session;
 use crate::signals::{self, Gcm};
 use crate::text;
@@ -84,14 +84,6 @@ pub enum Signal {
     Reset,
 }
 
-/// An event waiting for consent, with the context it happened in.
-#[derive(Debug, Clone)]
-struct Held {
-    ev: Event,
-    ctx: Rc<Context>,
-    need: u8,
-}
-
 /// The tracker's whole state.
 pub struct Tracker {
     cfg: Config,
@@ -108,9 +100,11 @@ pub struct Tracker {
     last_view: Option<[u8; 16]>,
     visible_since: Option<f64>,
     engaged_ms: f64,
-    ctx: Rc<Context>,
+    ctx: Ctx,
     queue: Queue,
-    held: Vec<Held>,
+    /// Events waiting for consent (memory only), in segments; their mask is set when they
+    /// are released.
+    held: Vec<Segment>,
     held_dropped: u32,
     seq: u32,
     in_flight: u32,
@@ -151,7 +145,7 @@ impl Tracker {
             last_view: None,
             visible_since: cfg.visible.then_some(now),
             engaged_ms: 0.0,
-            ctx: Rc::new(Context::default()),
+            ctx: Rc::new(Vec::new()),
             queue: Queue::new(QUEUE_CAP),
             held: Vec::new(),
             held_dropped: 0,
@@ -261,7 +255,7 @@ impl Tracker {
             self.seq = self.seq.wrapping_add(1).max(1);
             let seq = self.seq;
             if let Some(b) = self.queue.next_sendable(now) {
-                batch::stamp_sent_at(&mut b.body, now);
+                wire::encode::set_sent_at(&mut b.body, now as i64);
                 b.seq = seq;
                 self.in_flight = seq;
                 if !env.send(&self.cfg.endpoint, &b.body, seq) {
@@ -322,7 +316,7 @@ impl Tracker {
         let mut s = String::from("{");
         for (key, n) in [
             ("queued", self.queue.len() as u32),
-            ("held", self.held.len() as u32),
+            ("held", held(&self.held) as u32),
             ("inFlight", in_flight),
             ("dropped", self.queue.dropped),
             ("heldDropped", self.held_dropped),
@@ -379,16 +373,18 @@ impl Tracker {
                 // The automatic view of this URL, while unsealed, takes the name and
                 // properties instead of a second view being counted.
                 if let Some(id) = self.last_view.take() {
-                    let unsealed = self
-                        .queue
-                        .segments
-                        .iter_mut()
-                        .flat_map(|s| s.events.iter_mut());
-                    let held = self.held.iter_mut().map(|h| &mut h.ev);
-                    if let Some(view) = unsealed.chain(held).find(|v| v.message_id == id) {
-                        view.name = e.name;
-                        view.properties = e.properties;
-                        return;
+                    let segments = self.queue.segments.iter_mut().chain(self.held.iter_mut());
+                    for s in segments {
+                        for view in s.events.iter_mut() {
+                            if view.id == id {
+                                ev.message_id = id;
+                                ev.timestamp_ms = view.ts as i64;
+                                ev.name = e.name;
+                                ev.properties = e.properties;
+                                *view = Piece::new(&ev);
+                                return;
+                            }
+                        }
                     }
                 }
             }
@@ -457,22 +453,22 @@ impl Tracker {
     /// a denial forbids, releases what a grant allows, starts or stops storing.
     fn consent_moved(&mut self, env: &mut impl Env, before: Consent, now: f64) {
         let newly_denied = self.consent.denied() & !before.denied();
+        let granted = self.consent.granted();
         if newly_denied != 0 {
-            let held = self.held.len();
-            self.held.retain(|h| h.need & newly_denied == 0);
-            self.consent_dropped +=
-                (held - self.held.len()) as u32 + self.queue.purge(newly_denied);
+            self.consent_dropped += self.queue.purge(newly_denied);
             persist::purge(env, newly_denied);
             self.dirty = true;
         }
-        let granted = self.consent.granted();
-        let consent = self.consent;
-        let (ready, waiting): (Vec<Held>, Vec<Held>) = core::mem::take(&mut self.held)
-            .into_iter()
-            .partition(|h| consent.gate(h.need) == Gate::Send);
-        self.held = waiting;
-        for h in ready {
-            self.queue.push(h.ev, &h.ctx, granted, h.need);
+        for s in core::mem::take(&mut self.held) {
+            if s.need & newly_denied != 0 {
+                self.consent_dropped += s.events.len() as u32;
+            } else if self.consent.gate(s.need) == Gate::Send {
+                for ev in s.events {
+                    self.queue.push(ev, &s.ctx, granted, s.need);
+                }
+            } else {
+                self.held.push(s);
+            }
         }
         let could_store = before.granted() & (ANALYTICS | PERSONALIZATION) != 0;
         match (could_store, self.consent.storage_allowed()) {
@@ -528,7 +524,7 @@ impl Tracker {
             if b.body.len() > budget {
                 break;
             }
-            batch::stamp_sent_at(&mut b.body, now);
+            wire::encode::set_sent_at(&mut b.body, now as i64);
             if !env.send(&self.cfg.endpoint, &b.body, 0) {
                 break;
             }
@@ -575,17 +571,20 @@ impl Tracker {
         }
         let need = (1 << ev.purpose as u8) | (1 << ev.kind.least_purpose() as u8);
         match self.consent.gate(need) {
-            Gate::Send => self.queue.push(ev, &self.ctx, self.consent.granted(), need),
+            Gate::Send => self
+                .queue
+                .push(Piece::new(&ev), &self.ctx, self.consent.granted(), need),
             Gate::Hold => {
-                if self.held.len() >= HELD_CAP {
-                    self.held.remove(0);
+                if held(&self.held) >= HELD_CAP
+                    && let Some(first) = self.held.first_mut()
+                {
+                    first.events.remove(0);
+                    if first.events.is_empty() {
+                        self.held.remove(0);
+                    }
                     self.held_dropped += 1;
                 }
-                self.held.push(Held {
-                    ev,
-                    ctx: self.ctx.clone(),
-                    need,
-                });
+                queue::append(&mut self.held, Piece::new(&ev), &self.ctx, 0, need);
             }
             Gate::Drop => self.consent_dropped += 1,
         }
@@ -665,7 +664,7 @@ impl Tracker {
                 .as_deref()
                 .and_then(|u| opt(u, wire::decode::MAX_STRING_BYTES))
         };
-        self.ctx = Rc::new(Context {
+        self.ctx = Rc::new(wire::encode::context(&Context {
             page_url: opt(&self.url, wire::decode::MAX_URL_BYTES),
             referrer: opt(&self.referrer, wire::decode::MAX_URL_BYTES),
             utm_source: utm(0),
@@ -680,7 +679,7 @@ impl Tracker {
             session_id: opt(&self.session.id, 64),
             anonymous_id: opt(&self.anonymous_id, api::MAX_ID_BYTES),
             user_id: self.user_id.clone(),
-        });
+        }));
     }
 
     fn fail(&mut self, env: &mut impl Env, now: f64, retry_after: Option<f64>, error: &str) {
@@ -731,6 +730,11 @@ impl Tracker {
             next
         }
     }
+}
+
+/// How many events wait in `segments`.
+fn held(segments: &[Segment]) -> usize {
+    segments.iter().map(|s| s.events.len()).sum()
 }
 
 fn new_id(env: &mut impl Env) -> String {

@@ -1,10 +1,21 @@
-//! [`Batch`] to FlatBuffers bytes.
+//! Batches to FlatBuffers bytes (schema `schema/events.fbs`), by a small writer for exactly
+//! this schema.
+//!
+//! It writes front to back: a table's vtable, then the table, then its children, each
+//! `uoffset` patched once its target is placed. That needs no generic builder state and
+//! keeps the browser tracker small (the `flatbuffers` builder and its generated code cost
+//! about 10 KB of wasm, this writer about 2 KB); [`decode`](crate::decode) reads everything
+//! back through the generated code and the verifier, and the tests check the round trip.
+//!
+//! Offsets in FlatBuffers are relative, so an event or a context can be encoded on its own
+//! ([`event`], [`context`]) into a *piece* that is copied into a batch later
+//! ([`assemble`]): the tracker encodes each event once, when it is recorded, and seals a
+//! batch by copying bytes. A piece is `[u32: position of its table][its bytes]`, laid out
+//! as if it started at a multiple of 8; [`assemble`] keeps that alignment.
 
+use alloc::string::String;
 use alloc::vec::Vec;
 
-use flatbuffers::{FlatBufferBuilder, WIPOffset};
-
-use crate::generated::wire::fb;
 use crate::model::{Batch, Context, Event, Item, Property, Value};
 
 /// Encodes a batch as one FlatBuffers `EventBatch` with the `PEB1` file identifier.
@@ -12,124 +23,363 @@ use crate::model::{Batch, Context, Event, Item, Property, Value};
 /// Encoding does not check [`Limits`](crate::Limits): the tracker keeps its batches within
 /// them, and the collector checks them anyway.
 pub fn encode(batch: &Batch) -> Vec<u8> {
-    let mut fbb = FlatBufferBuilder::with_capacity(256 + 128 * batch.events.len());
-    let write_key = fbb.create_string(&batch.write_key);
-    let context = context(&mut fbb, &batch.context);
-    let events: Vec<_> = batch.events.iter().map(|e| event(&mut fbb, e)).collect();
-    let events = fbb.create_vector(&events);
-    let root = fb::EventBatch::create(
-        &mut fbb,
-        &fb::EventBatchArgs {
-            write_key: Some(write_key),
-            sent_at_ms: batch.sent_at_ms,
-            consent: batch.consent,
-            context: Some(context),
-            events: Some(events),
-        },
-    );
-    fb::finish_event_batch_buffer(&mut fbb, root);
-    fbb.finished_data().to_vec()
-}
-
-fn opt_str<'a>(
-    fbb: &mut FlatBufferBuilder<'a>,
-    s: &Option<alloc::string::String>,
-) -> Option<WIPOffset<&'a str>> {
-    s.as_deref().map(|s| fbb.create_string(s))
-}
-
-fn context<'a>(fbb: &mut FlatBufferBuilder<'a>, c: &Context) -> WIPOffset<fb::Context<'a>> {
-    let args = fb::ContextArgs {
-        page_url: opt_str(fbb, &c.page_url),
-        referrer: opt_str(fbb, &c.referrer),
-        utm_source: opt_str(fbb, &c.utm_source),
-        utm_medium: opt_str(fbb, &c.utm_medium),
-        utm_campaign: opt_str(fbb, &c.utm_campaign),
-        utm_term: opt_str(fbb, &c.utm_term),
-        utm_content: opt_str(fbb, &c.utm_content),
-        locale: opt_str(fbb, &c.locale),
-        timezone: opt_str(fbb, &c.timezone),
-        screen_width: c.screen_width,
-        screen_height: c.screen_height,
-        session_id: opt_str(fbb, &c.session_id),
-        anonymous_id: opt_str(fbb, &c.anonymous_id),
-        user_id: opt_str(fbb, &c.user_id),
-    };
-    fb::Context::create(fbb, &args)
-}
-
-fn event<'a>(fbb: &mut FlatBufferBuilder<'a>, e: &Event) -> WIPOffset<fb::Event<'a>> {
-    let name = opt_str(fbb, &e.name);
-    let properties = if e.properties.is_empty() {
-        None
-    } else {
-        let props: Vec<_> = e.properties.iter().map(|p| property(fbb, p)).collect();
-        Some(fbb.create_vector(&props))
-    };
-    let items = if e.items.is_empty() {
-        None
-    } else {
-        let items: Vec<_> = e.items.iter().map(|i| item(fbb, i)).collect();
-        Some(fbb.create_vector(&items))
-    };
-    let message_id = fb::MessageId::new(&e.message_id);
-    let args = fb::EventArgs {
-        message_id: Some(&message_id),
-        timestamp_ms: e.timestamp_ms,
-        kind: fb::EventKind(e.kind as u8),
-        name,
-        properties,
-        items,
-        user_id: opt_str(fbb, &e.user_id),
-        previous_id: opt_str(fbb, &e.previous_id),
-        order_id: opt_str(fbb, &e.order_id),
-        revenue: e.revenue,
-        currency: opt_str(fbb, &e.currency),
-        consent_granted: e.consent_granted,
-        consent_denied: e.consent_denied,
-        purpose: fb::Purpose(e.purpose as u8),
-    };
-    fb::Event::create(fbb, &args)
-}
-
-fn property<'a>(fbb: &mut FlatBufferBuilder<'a>, p: &Property) -> WIPOffset<fb::Property<'a>> {
-    let key = fbb.create_string(&p.key);
-    let (value_type, value) = match &p.value {
-        Value::String(s) => {
-            let value = fbb.create_string(s);
-            let v = fb::StringValue::create(fbb, &fb::StringValueArgs { value: Some(value) });
-            (fb::Value::StringValue, v.as_union_value())
-        }
-        Value::Int(value) => {
-            let v = fb::IntValue::create(fbb, &fb::IntValueArgs { value: *value });
-            (fb::Value::IntValue, v.as_union_value())
-        }
-        Value::Float(value) => {
-            let v = fb::FloatValue::create(fbb, &fb::FloatValueArgs { value: *value });
-            (fb::Value::FloatValue, v.as_union_value())
-        }
-        Value::Bool(value) => {
-            let v = fb::BoolValue::create(fbb, &fb::BoolValueArgs { value: *value });
-            (fb::Value::BoolValue, v.as_union_value())
-        }
-    };
-    fb::Property::create(
-        fbb,
-        &fb::PropertyArgs {
-            key: Some(key),
-            value_type,
-            value: Some(value),
-        },
+    let events: Vec<Vec<u8>> = batch.events.iter().map(event).collect();
+    assemble(
+        &batch.write_key,
+        batch.sent_at_ms,
+        batch.consent,
+        &context(&batch.context),
+        events.iter().map(Vec::as_slice),
     )
 }
 
-fn item<'a>(fbb: &mut FlatBufferBuilder<'a>, i: &Item) -> WIPOffset<fb::Item<'a>> {
-    let args = fb::ItemArgs {
-        product_id: Some(fbb.create_string(&i.product_id)),
-        category: opt_str(fbb, &i.category),
-        price: i.price,
-        quantity: i.quantity,
-        name: opt_str(fbb, &i.name),
+/// One event as a piece for [`assemble`].
+pub fn event(e: &Event) -> Vec<u8> {
+    let mut w = Writer(Vec::with_capacity(128));
+    w.0.extend_from_slice(&[0; 4]);
+    w.event(0, e);
+    w.0
+}
+
+/// A context as a piece for [`assemble`].
+pub fn context(c: &Context) -> Vec<u8> {
+    let mut w = Writer(Vec::with_capacity(128));
+    w.0.extend_from_slice(&[0; 4]);
+    w.context(0, c);
+    w.0
+}
+
+/// A batch from pieces made by [`context`] and [`event`]: the same bytes [`encode`] writes
+/// for the batch they came from.
+pub fn assemble<'a>(
+    write_key: &str,
+    sent_at_ms: i64,
+    consent: u8,
+    context: &[u8],
+    events: impl ExactSizeIterator<Item = &'a [u8]>,
+) -> Vec<u8> {
+    let mut w = Writer(Vec::with_capacity(256 + context.len()));
+    w.0.extend_from_slice(&[0, 0, 0, 0, b'P', b'E', b'B', b'1']);
+    let s = w.table(
+        0,
+        &[
+            (0, Slot::Offset),
+            (1, Slot::I64(sent_at_ms)),
+            (2, Slot::U8(consent)),
+            (3, Slot::Offset),
+            (4, Slot::Offset),
+        ],
+    );
+    w.string(s[0], write_key);
+    w.place(s[1], context);
+    let first = w.vector(s[2], events.len());
+    for (i, piece) in events.enumerate() {
+        w.place(first + 4 * i, piece);
+    }
+    w.0
+}
+
+/// Rewrites the `sent_at_ms` field of an encoded batch, so the collector's clock-skew
+/// correction holds for a batch retried later. Returns `false` when the bytes have no such
+/// field where the layout says (never for [`encode`] or [`assemble`] output with a non-zero
+/// time); nothing is written then.
+pub fn set_sent_at(body: &mut [u8], sent_at_ms: i64) -> bool {
+    let field = || -> Option<usize> {
+        let table = u32_at(body, 0)? as usize;
+        let vtable = table.checked_sub(u32_at(body, table)? as i32 as isize as usize)?;
+        // A vtable: its size, the table's size, then one offset per field; sent_at_ms is
+        // field 1 of EventBatch.
+        if u16_at(body, vtable)? < 6 {
+            return None;
+        }
+        let offset = u16_at(body, vtable + 6)?;
+        (offset != 0).then_some(table + offset)
     };
-    fb::Item::create(fbb, &args)
+    match field().and_then(|at| body.get_mut(at..at.checked_add(8)?)) {
+        Some(slot) => {
+            for (d, b) in slot.iter_mut().zip(sent_at_ms.to_le_bytes()) {
+                *d = b;
+            }
+            true
+        }
+        None => false,
+    }
+}
+
+fn u32_at(b: &[u8], i: usize) -> Option<u32> {
+    let s = b.get(i..i.checked_add(4)?)?;
+    Some(u32::from_le_bytes(s.try_into().ok()?))
+}
+
+fn u16_at(b: &[u8], i: usize) -> Option<usize> {
+    let s = b.get(i..i.checked_add(2)?)?;
+    Some(usize::from(u16::from_le_bytes(s.try_into().ok()?)))
+}
+
+/// One field of a table.
+#[derive(Clone, Copy)]
+enum Slot<'a> {
+    /// A `uoffset` to a child written later.
+    Offset,
+    I64(i64),
+    U32(u32),
+    U16(u16),
+    U8(u8),
+    /// The 16-byte `MessageId` struct.
+    Id(&'a [u8; 16]),
+}
+
+impl Slot<'_> {
+    fn size(self) -> usize {
+        match self {
+            Slot::I64(_) => 8,
+            Slot::Offset | Slot::U32(_) => 4,
+            Slot::U16(_) => 2,
+            Slot::U8(_) => 1,
+            Slot::Id(_) => 16,
+        }
+    }
+}
+
+struct Writer(Vec<u8>);
+
+impl Writer {
+    fn pad(&mut self, align: usize) {
+        while !self.0.len().is_multiple_of(align) {
+            self.0.push(0);
+        }
+    }
+
+    fn put(&mut self, at: usize, bytes: &[u8]) {
+        if let Some(dst) = self.0.get_mut(at..) {
+            for (d, b) in dst.iter_mut().zip(bytes) {
+                *d = *b;
+            }
+        }
+    }
+
+    /// Points the `uoffset` at `slot` to the current end, where its target starts.
+    fn patch(&mut self, slot: usize) {
+        let offset = (self.0.len() - slot) as u32;
+        self.put(slot, &offset.to_le_bytes());
+    }
+
+    /// Writes a vtable and a table with `fields` (`(field id, value)`, ids ascending or
+    /// not), points `parent` at the table, and returns the positions of its `Offset` slots
+    /// in the order given. Fields are laid out largest first, so each is aligned: 8-byte
+    /// ones start right after the 4-byte vtable offset of a table placed at 4 mod 8.
+    fn table(&mut self, parent: usize, fields: &[(usize, Slot<'_>)]) -> Vec<usize> {
+        let count = fields.iter().map(|f| f.0 + 1).max().unwrap_or(0);
+        let mut at = [0usize; 16];
+        let mut size = 4;
+        for width in [8, 4, 16, 2, 1] {
+            for (i, f) in fields.iter().enumerate() {
+                if f.1.size() == width {
+                    at[i] = size;
+                    size += width;
+                }
+            }
+        }
+        self.pad(2);
+        let vtable = self.0.len();
+        let mut entries = [0u16; 16];
+        for (i, f) in fields.iter().enumerate() {
+            entries[f.0] = at[i] as u16;
+        }
+        for v in [(4 + 2 * count) as u16, size as u16]
+            .iter()
+            .chain(&entries[..count])
+        {
+            self.0.extend_from_slice(&v.to_le_bytes());
+        }
+        let wide = fields.iter().any(|f| f.1.size() == 8);
+        while !self.0.len().is_multiple_of(4) || (wide && self.0.len() % 8 != 4) {
+            self.0.push(0);
+        }
+        let table = self.0.len();
+        self.patch(parent);
+        self.0.resize(table + size, 0);
+        self.put(table, &((table - vtable) as i32).to_le_bytes());
+        let mut offsets = Vec::new();
+        for (i, f) in fields.iter().enumerate() {
+            let p = table + at[i];
+            match f.1 {
+                Slot::Offset => offsets.push(p),
+                Slot::I64(v) => self.put(p, &v.to_le_bytes()),
+                Slot::U32(v) => self.put(p, &v.to_le_bytes()),
+                Slot::U16(v) => self.put(p, &v.to_le_bytes()),
+                Slot::U8(v) => self.put(p, &[v]),
+                Slot::Id(v) => self.put(p, v),
+            }
+        }
+        offsets
+    }
+
+    /// Copies a piece (see the module docs) and points `parent` at its table.
+    fn place(&mut self, parent: usize, piece: &[u8]) {
+        while self.0.len() % 8 != 4 {
+            self.0.push(0);
+        }
+        // Where the piece's first byte would be: a multiple of 8, as when it was written.
+        let base = self.0.len() - 4;
+        let table = u32_at(piece, 0).unwrap_or(0) as usize;
+        self.0.extend_from_slice(piece.get(4..).unwrap_or(&[]));
+        let offset = (base + table - parent) as u32;
+        self.put(parent, &offset.to_le_bytes());
+    }
+
+    fn string(&mut self, parent: usize, s: &str) {
+        self.pad(4);
+        self.patch(parent);
+        self.0.extend_from_slice(&(s.len() as u32).to_le_bytes());
+        self.0.extend_from_slice(s.as_bytes());
+        self.0.push(0);
+    }
+
+    /// Writes a vector of `n` offsets (to be patched) and returns its first slot.
+    fn vector(&mut self, parent: usize, n: usize) -> usize {
+        self.pad(4);
+        self.patch(parent);
+        self.0.extend_from_slice(&(n as u32).to_le_bytes());
+        let first = self.0.len();
+        self.0.resize(first + 4 * n, 0);
+        first
+    }
+
+    /// A table whose fields are optional strings (and the given scalars), then the strings.
+    fn strings_table(
+        &mut self,
+        parent: usize,
+        strings: &[(usize, &Option<String>)],
+        scalars: &[(usize, Slot<'_>)],
+    ) {
+        let mut fields: Vec<(usize, Slot<'_>)> = strings
+            .iter()
+            .filter(|s| s.1.is_some())
+            .map(|s| (s.0, Slot::Offset))
+            .collect();
+        fields.extend_from_slice(scalars);
+        let slots = self.table(parent, &fields);
+        for (slot, s) in slots
+            .iter()
+            .zip(strings.iter().filter_map(|s| s.1.as_deref()))
+        {
+            self.string(*slot, s);
+        }
+    }
+
+    fn context(&mut self, parent: usize, c: &Context) {
+        self.strings_table(
+            parent,
+            &[
+                (0, &c.page_url),
+                (1, &c.referrer),
+                (2, &c.utm_source),
+                (3, &c.utm_medium),
+                (4, &c.utm_campaign),
+                (5, &c.utm_term),
+                (6, &c.utm_content),
+                (7, &c.locale),
+                (8, &c.timezone),
+                (11, &c.session_id),
+                (12, &c.anonymous_id),
+                (13, &c.user_id),
+            ],
+            &[
+                (9, Slot::U16(c.screen_width)),
+                (10, Slot::U16(c.screen_height)),
+            ],
+        );
+    }
+
+    fn event(&mut self, parent: usize, e: &Event) {
+        let mut fields = alloc::vec![
+            (0, Slot::Id(&e.message_id)),
+            (1, Slot::I64(e.timestamp_ms)),
+            (2, Slot::U8(e.kind as u8)),
+            (9, Slot::I64(e.revenue)),
+            (11, Slot::U8(e.consent_granted)),
+            (12, Slot::U8(e.consent_denied)),
+            (13, Slot::U8(e.purpose as u8)),
+        ];
+        let strings = [
+            (3, &e.name),
+            (6, &e.user_id),
+            (7, &e.previous_id),
+            (8, &e.order_id),
+            (10, &e.currency),
+        ];
+        for (id, s) in strings {
+            if s.is_some() {
+                fields.push((id, Slot::Offset));
+            }
+        }
+        let lists = [(4, e.properties.len()), (5, e.items.len())];
+        for (id, n) in lists {
+            if n > 0 {
+                fields.push((id, Slot::Offset));
+            }
+        }
+        let slots = self.table(parent, &fields);
+        let mut slots = slots.into_iter();
+        for s in strings.iter().filter_map(|s| s.1.as_deref()) {
+            if let Some(slot) = slots.next() {
+                self.string(slot, s);
+            }
+        }
+        if !e.properties.is_empty()
+            && let Some(slot) = slots.next()
+        {
+            let first = self.vector(slot, e.properties.len());
+            for (i, p) in e.properties.iter().enumerate() {
+                self.property(first + 4 * i, p);
+            }
+        }
+        if !e.items.is_empty()
+            && let Some(slot) = slots.next()
+        {
+            let first = self.vector(slot, e.items.len());
+            for (i, item) in e.items.iter().enumerate() {
+                self.item(first + 4 * i, item);
+            }
+        }
+    }
+
+    fn property(&mut self, parent: usize, p: &Property) {
+        // The union `value` takes two field ids: its type (1) and the table (2).
+        let tag = match p.value {
+            Value::String(_) => 1,
+            Value::Int(_) => 2,
+            Value::Float(_) => 3,
+            Value::Bool(_) => 4,
+        };
+        let s = self.table(
+            parent,
+            &[(0, Slot::Offset), (1, Slot::U8(tag)), (2, Slot::Offset)],
+        );
+        self.string(s[0], &p.key);
+        let value = match &p.value {
+            Value::String(text) => {
+                let v = self.table(s[1], &[(0, Slot::Offset)]);
+                self.string(v[0], text);
+                return;
+            }
+            Value::Int(i) => Slot::I64(*i),
+            Value::Float(f) => Slot::I64(f.to_bits() as i64),
+            Value::Bool(b) => Slot::U8(u8::from(*b)),
+        };
+        self.table(s[1], &[(0, value)]);
+    }
+
+    fn item(&mut self, parent: usize, i: &Item) {
+        self.strings_table(
+            parent,
+            &[
+                (0, &Some(i.product_id.clone())),
+                (1, &i.category),
+                (4, &i.name),
+            ],
+            &[(2, Slot::I64(i.price)), (3, Slot::U32(i.quantity))],
+        );
+    }
 }

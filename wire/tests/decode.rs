@@ -1,4 +1,6 @@
-//! decode: round trips, every limit named in its error, and hostile bytes never panic.
+//! encode and decode: round trips (whole batches and batches assembled from pieces), the
+//! send time rewritten in place, every limit named in its error, and hostile bytes never
+//! panic.
 
 use proptest::prelude::*;
 use wire::{
@@ -63,6 +65,17 @@ fn batch(events: Vec<Event>) -> Batch {
 fn full_batch_round_trips() {
     let b = batch(vec![event(1), event(2)]);
     assert_eq!(decode(&encode(&b), &Limits::default()), Ok(b));
+}
+
+#[test]
+fn empty_and_largest_batches_round_trip() {
+    let empty = Batch {
+        write_key: "k".into(),
+        ..Batch::default()
+    };
+    assert_eq!(decode(&encode(&empty), &Limits::default()), Ok(empty));
+    let largest = batch(vec![event(7); wire::decode::MAX_EVENTS]);
+    assert_eq!(decode(&encode(&largest), &Limits::default()), Ok(largest));
 }
 
 #[test]
@@ -346,6 +359,25 @@ proptest! {
     }
 
     #[test]
+    fn batches_assembled_from_pieces_are_the_encoded_batch(b in arb_batch(), sent_at in any::<i64>()) {
+        let pieces: Vec<Vec<u8>> = b.events.iter().map(wire::encode::event).collect();
+        let bytes = wire::encode::assemble(
+            &b.write_key,
+            b.sent_at_ms,
+            b.consent,
+            &wire::encode::context(&b.context),
+            pieces.iter().map(Vec::as_slice),
+        );
+        prop_assert_eq!(&bytes, &encode(&b));
+        // The send time is rewritten in place when the field is there (a zero time is the
+        // default, which FlatBuffers leaves out).
+        let mut restamped = bytes.clone();
+        prop_assert_eq!(wire::encode::set_sent_at(&mut restamped, sent_at), b.sent_at_ms != 0);
+        let expected = Batch { sent_at_ms: if b.sent_at_ms != 0 { sent_at } else { 0 }, ..b };
+        prop_assert_eq!(decode(&restamped, &Limits::default()), Ok(expected));
+    }
+
+    #[test]
     fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
         let _ = decode(&bytes, &Limits::default());
     }
@@ -374,5 +406,12 @@ proptest! {
         let i = at.index(bytes.len());
         bytes[i] = to;
         let _ = decode(&bytes, &Limits::default());
+        let _ = wire::encode::set_sent_at(&mut bytes, 1);
+    }
+
+    #[test]
+    fn rewriting_the_send_time_of_any_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+        let mut bytes = bytes;
+        let _ = wire::encode::set_sent_at(&mut bytes, 1);
     }
 }
