@@ -32,7 +32,7 @@ pub fn outcome(status: u16) -> Outcome {
 /// A `Retry-After` header in milliseconds. Only the delta-seconds form is read (the
 /// collector sends it); an HTTP date falls back to plain backoff.
 pub fn retry_after_ms(header: Option<&str>) -> Option<f64> {
-    text::parse_u64(header?.trim()).map(|s| s.min(86_400) as f64 * 1000.0)
+    text::parse_u64(header?.trim_ascii()).map(|s| s.min(86_400) as f64 * 1000.0)
 }
 
 /// Exponential backoff state.

@@ -156,7 +156,7 @@ impl Consent {
     /// Replaces the decisions with stored ones; ignores text that is not
     /// [`encode_decisions`](Self::encode_decisions) output.
     pub fn load_decisions(&mut self, stored: &str) {
-        let Some((g, d)) = stored.split_once('.') else {
+        let Some((g, d)) = text::cut(stored, b'.') else {
             return;
         };
         if let (Some(g), Some(d)) = (text::parse_u64(g), text::parse_u64(d)) {

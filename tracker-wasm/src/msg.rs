@@ -19,12 +19,11 @@
 //! | `t` timer, `h` hidden, `v` visible, `x` pagehide, `s` consent changed in another tab, `f` flush, `r` reset | none |
 
 use alloc::string::String;
-use alloc::vec::Vec;
-
 use wire::EventKind;
 
 use crate::api::{self, ApiEvent, Config};
 use crate::consent::Update;
+use crate::text;
 use crate::tracker::Signal;
 
 /// A parsed message.
@@ -40,29 +39,51 @@ pub enum Msg {
 
 /// A number field: a decimal integer or `h` + 16 hex digits of a double; NaN otherwise.
 pub fn number(s: &str) -> f64 {
-    if let Some(hex) = s.strip_prefix('h') {
-        return u64::from_str_radix(hex, 16).map_or(f64::NAN, f64::from_bits);
+    let b = s.as_bytes();
+    match b.first() {
+        Some(b'h') if b.len() == 17 => {
+            let mut bits = 0u64;
+            for &c in &b[1..] {
+                let d = match c {
+                    b'0'..=b'9' => c - b'0',
+                    b'a'..=b'f' => c - b'a' + 10,
+                    _ => return f64::NAN,
+                };
+                bits = bits << 4 | u64::from(d);
+            }
+            f64::from_bits(bits)
+        }
+        Some(b'-') => -number_u(s.get(1..)),
+        _ => number_u(Some(s)),
     }
-    let (neg, digits) = match s.strip_prefix('-') {
-        Some(d) => (true, d),
-        None => (false, s),
-    };
-    match crate::text::parse_u64(digits) {
-        Some(n) if neg => -(n as f64),
-        Some(n) => n as f64,
-        None => f64::NAN,
-    }
+}
+
+fn number_u(digits: Option<&str>) -> f64 {
+    digits
+        .and_then(crate::text::parse_u64)
+        .map_or(f64::NAN, |n| n as f64)
 }
 
 fn opt(s: &str) -> Option<&str> {
     (!s.is_empty()).then_some(s)
 }
 
+/// The most fields a message has (`init`: 6 strings and 22 numbers).
+const MAX_FIELDS: usize = 32;
+
+/// Splits `s` at `sep` into at most `N` fields; missing ones are empty.
+fn split<const N: usize>(s: &str, sep: u8) -> [&str; N] {
+    let mut out = [""; N];
+    for (slot, f) in out.iter_mut().zip(text::fields(s, sep)) {
+        *slot = f;
+    }
+    out
+}
+
 /// Parses one message; `None` when it is not one.
 pub fn parse(msg: &str) -> Option<Msg> {
-    let f: Vec<&str> = msg.split('\u{1f}').collect();
-    let at = |i: usize| f.get(i).copied().unwrap_or("");
-    let n = |i| number(at(i));
+    let f: [&str; MAX_FIELDS] = split(msg, 0x1f);
+    let n = |i: usize| number(f[i]);
     let bits = |i| {
         let v = n(i);
         if (0.0..65536.0).contains(&v) {
@@ -71,23 +92,26 @@ pub fn parse(msg: &str) -> Option<Msg> {
             0
         }
     };
-    let text = |i| opt(at(i)).map(String::from);
-    let signal = match at(0) {
+    let text = |i: usize| opt(f[i]).map(String::from);
+    let signal = match f[0] {
         "i" => {
-            let numbers: Vec<f64> = f.iter().skip(6).map(|s| number(s)).collect();
-            let cfg = Config::new(at(1), at(2), at(3), opt(at(4)), opt(at(5)), &numbers)?;
+            let mut numbers = [f64::NAN; MAX_FIELDS - 6];
+            for (v, s) in numbers.iter_mut().zip(&f[6..]) {
+                *v = number(s);
+            }
+            let cfg = Config::new(f[1], f[2], f[3], opt(f[4]), opt(f[5]), &numbers)?;
             return Some(Msg::Init(cfg));
         }
         "d" => return Some(Msg::Done(n(1) as u32, n(2) as u16, text(3))),
         "e" => Signal::Event(event(&f)?),
-        "n" => Signal::Navigate(at(1).into(), [text(2), text(3), text(4), text(5), text(6)]),
+        "n" => Signal::Navigate(f[1].into(), [text(2), text(3), text(4), text(5), text(6)]),
         "c" => Signal::Consent(Update {
             grant: bits(1) as u8,
             deny: bits(2) as u8 & !(bits(1) as u8),
         }),
         "T" => Signal::Tcf(bits(1)),
-        "g" | "G" => Signal::Gcm(at(0) == "G", bits(1) as u8, bits(2) as u8),
-        "k" => Signal::Click(at(1).into()),
+        "g" | "G" => Signal::Gcm(f[0] == "G", bits(1) as u8, bits(2) as u8),
+        "k" => Signal::Click(f[1].into()),
         "t" => Signal::Tick,
         "h" => Signal::Hidden,
         "v" => Signal::Visible,
@@ -100,26 +124,25 @@ pub fn parse(msg: &str) -> Option<Msg> {
     Some(Msg::Signal(signal))
 }
 
-fn event(f: &[&str]) -> Option<ApiEvent> {
-    let at = |i: usize| f.get(i).copied().unwrap_or("");
-    let kind = EventKind::from_u8(number(at(1)) as u8)?;
+fn event(f: &[&str; MAX_FIELDS]) -> Option<ApiEvent> {
+    let kind = EventKind::from_u8(number(f[1]) as u8)?;
     let mut e = ApiEvent {
         kind,
-        ts: number(at(2)),
-        name: api::string(at(3)),
-        user_id: api::id(at(4)),
-        order_id: api::id(at(5)),
-        revenue: api::int(number(at(6))).unwrap_or(0),
-        currency: api::string(at(7)),
+        ts: number(f[2]),
+        name: api::string(f[3]),
+        user_id: api::id(f[4]),
+        order_id: api::id(f[5]),
+        revenue: api::int(number(f[6])).unwrap_or(0),
+        currency: api::string(f[7]),
         ..ApiEvent::default()
     };
-    for p in at(8).split('\u{1e}').filter(|p| !p.is_empty()) {
-        let mut parts = p.split('\u{1d}');
-        let (key, kind, value) = (parts.next()?, parts.next()?, parts.next().unwrap_or(""));
+    for p in text::fields(f[8], 0x1e) {
+        let [key, kind, value] = split(p, 0x1d);
         let kind = match kind {
             "s" => 0,
             "n" => 1,
-            _ => 2,
+            "b" => 2,
+            _ => continue,
         };
         let num = if kind == 2 {
             f64::from(u8::from(value == "1"))
@@ -130,16 +153,9 @@ fn event(f: &[&str]) -> Option<ApiEvent> {
             api::push_property(&mut e.properties, p);
         }
     }
-    for line in at(9).split('\u{1e}').filter(|l| !l.is_empty()) {
-        let parts: Vec<&str> = line.split('\u{1d}').collect();
-        let part = |i: usize| parts.get(i).copied().unwrap_or("");
-        if let Some(i) = api::item(
-            part(0),
-            opt(part(1)),
-            number(part(2)),
-            number(part(3)),
-            opt(part(4)),
-        ) {
+    for line in text::fields(f[9], 0x1e) {
+        let [id, category, price, quantity, name] = split(line, 0x1d);
+        if let Some(i) = api::item(id, opt(category), number(price), number(quantity), opt(name)) {
             api::push_item(&mut e.items, i);
         }
     }

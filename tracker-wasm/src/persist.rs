@@ -155,7 +155,7 @@ pub fn save<'a>(
 /// Takes the lease for tab `tab` unless another live tab holds it.
 pub fn lock(s: &mut impl Storage, tab: &str, now: f64) -> bool {
     if let Some(held) = s.get(LOCK_KEY)
-        && let Some((owner, until)) = held.split_once('.')
+        && let Some((owner, until)) = text::cut(&held, b'.')
     {
         let until = text::parse_u64(until).unwrap_or(0) as f64;
         if owner != tab && until > now {
@@ -171,7 +171,7 @@ pub fn lock(s: &mut impl Storage, tab: &str, now: f64) -> bool {
 /// Gives the lease back if tab `tab` holds it.
 pub fn unlock(s: &mut impl Storage, tab: &str) {
     if let Some(held) = s.get(LOCK_KEY)
-        && held.split_once('.').map(|(o, _)| o) == Some(tab)
+        && text::cut(&held, b'.').map(|(o, _)| o) == Some(tab)
     {
         s.remove(LOCK_KEY);
     }

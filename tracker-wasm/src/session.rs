@@ -42,7 +42,7 @@ impl Session {
 
     /// A stored session, if the text is one.
     pub fn decode(stored: &str) -> Option<Session> {
-        let (id, last) = stored.split_once('.')?;
+        let (id, last) = text::cut(stored, b'.')?;
         text::parse_u64(id)?;
         Some(Session {
             id: id.into(),

@@ -41,6 +41,44 @@ pub fn decimal(n: i64) -> String {
     s
 }
 
+/// The fields of `s` separated by the ASCII byte `sep` (like `str::split`, but one small
+/// loop over bytes instead of the generic pattern machinery; an ASCII separator always sits
+/// on a character boundary).
+pub struct Fields<'a> {
+    rest: Option<&'a str>,
+    sep: u8,
+}
+
+/// Splits `s` at every `sep` (ASCII).
+pub fn fields(s: &str, sep: u8) -> Fields<'_> {
+    Fields { rest: Some(s), sep }
+}
+
+impl<'a> Iterator for Fields<'a> {
+    type Item = &'a str;
+
+    fn next(&mut self) -> Option<&'a str> {
+        let s = self.rest?;
+        let mut i = 0;
+        for &b in s.as_bytes() {
+            if b == self.sep {
+                self.rest = s.get(i + 1..);
+                return s.get(..i);
+            }
+            i += 1;
+        }
+        self.rest = None;
+        Some(s)
+    }
+}
+
+/// `s` split at its first `sep` (ASCII), like `str::split_once`.
+pub fn cut(s: &str, sep: u8) -> Option<(&str, &str)> {
+    let mut f = fields(s, sep);
+    let head = f.next()?;
+    Some((head, f.rest?))
+}
+
 /// Parses a non-empty run of ASCII digits (no sign, no spaces).
 pub fn parse_u64(s: &str) -> Option<u64> {
     if s.is_empty() || s.len() > 19 {
