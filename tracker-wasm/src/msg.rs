@@ -155,7 +155,13 @@ fn event(f: &[&str; MAX_FIELDS]) -> Option<ApiEvent> {
     }
     for line in text::fields(f[9], 0x1e) {
         let [id, category, price, quantity, name] = split(line, 0x1d);
-        if let Some(i) = api::item(id, opt(category), number(price), number(quantity), opt(name)) {
+        if let Some(i) = api::item(
+            id,
+            opt(category),
+            number(price),
+            number(quantity),
+            opt(name),
+        ) {
             api::push_item(&mut e.items, i);
         }
     }

@@ -64,14 +64,18 @@ pub struct Header {
     pub written: f64,
 }
 
-/// Writes sealed batches in the stored form: Latin-1 text of
-/// `[format][closed][written]` then `[need][count][length][bytes]` per batch (varints).
-pub fn encode_queue<'a>(batches: impl Iterator<Item = &'a Sealed>, header: Header) -> String {
+/// Writes sealed batches, but those needing a purpose in `skip`, in the stored form:
+/// Latin-1 text of `[format][closed][written]` then `[need][count][length][bytes]` per
+/// batch (varints).
+pub fn encode_queue(batches: &[Sealed], skip: u8, header: Header) -> String {
     let mut w = Vec::new();
     w.push(FORMAT);
     w.push(u8::from(header.closed));
     varint(&mut w, header.written as u64);
     for b in batches {
+        if b.need & skip != 0 {
+            continue;
+        }
         w.push(b.need);
         varint(&mut w, u64::from(b.count));
         varint(&mut w, b.body.len() as u64);
@@ -138,18 +142,13 @@ impl Reader<'_> {
 
 /// Stores tab `tab`'s queue (or removes the key when there is nothing to keep). Returns
 /// `false` when the browser refused to store it.
-pub fn save<'a>(
-    s: &mut impl Storage,
-    tab: &str,
-    batches: impl ExactSizeIterator<Item = &'a Sealed>,
-    header: Header,
-) -> bool {
+pub fn save(s: &mut impl Storage, tab: &str, batches: &[Sealed], header: Header) -> bool {
     let key = queue_key(tab);
-    if batches.len() == 0 {
+    if batches.is_empty() {
         s.remove(&key);
         return true;
     }
-    s.set(&key, &encode_queue(batches, header))
+    s.set(&key, &encode_queue(batches, 0, header))
 }
 
 /// Takes the lease for tab `tab` unless another live tab holds it.
@@ -214,11 +213,14 @@ pub fn purge(s: &mut impl Storage, denied: u8) {
             s.remove(&key);
             continue;
         };
-        let kept: Vec<&Sealed> = batches.iter().filter(|b| b.need & denied == 0).collect();
-        if kept.is_empty() {
+        let mut kept = 0;
+        for b in &batches {
+            kept += usize::from(b.need & denied == 0);
+        }
+        if kept == 0 {
             s.remove(&key);
-        } else if kept.len() != batches.len() {
-            s.set(&key, &encode_queue(kept.into_iter(), header));
+        } else if kept != batches.len() {
+            s.set(&key, &encode_queue(&batches, denied, header));
         }
     }
 }
@@ -264,14 +266,14 @@ mod tests {
     fn queues_round_trip() {
         let batches = vec![batch(1, 2), batch(2, 1), Sealed::new(Vec::new(), 10, 0)];
         let h = header(true, 1_700_000_000_123.0);
-        let (back_h, back) = decode_queue(&encode_queue(batches.iter(), h)).unwrap();
+        let (back_h, back) = decode_queue(&encode_queue(&batches, 0, h)).unwrap();
         assert_eq!(back_h, h);
         assert_eq!(back, batches);
     }
 
     #[test]
     fn damaged_queues_are_refused() {
-        let stored = encode_queue([batch(1, 2)].iter(), header(false, 0.0));
+        let stored = encode_queue(&[batch(1, 2)], 0, header(false, 0.0));
         let bytes = text::from_latin1(&stored).unwrap();
         // Byte 3 is where the header ends: an empty queue is a valid one.
         for cut in (1..bytes.len()).filter(|&cut| cut != 3) {
@@ -302,22 +304,12 @@ mod tests {
     fn only_queues_of_gone_tabs_are_adopted_and_only_once() {
         let mut s = Mem::default();
         let now = 100_000_000.0;
-        save(
-            &mut s,
-            "live",
-            [batch(1, 2)].iter(),
-            header(false, now - 1000.0),
-        );
-        save(
-            &mut s,
-            "closed",
-            [batch(2, 2)].iter(),
-            header(true, now - 1000.0),
-        );
+        save(&mut s, "live", &[batch(1, 2)], header(false, now - 1000.0));
+        save(&mut s, "closed", &[batch(2, 2)], header(true, now - 1000.0));
         save(
             &mut s,
             "stale",
-            [batch(3, 2)].iter(),
+            &[batch(3, 2)],
             header(false, now - STALE_MS - 1.0),
         );
         s.set("pz_q_junk", "x");
@@ -341,13 +333,13 @@ mod tests {
     fn purge_removes_denied_batches_from_every_tab() {
         let mut s = Mem::default();
         let h = header(false, 0.0);
-        save(&mut s, "a", [batch(1, 2), batch(2, 1)].iter(), h);
-        save(&mut s, "b", [batch(3, 6)].iter(), h);
+        save(&mut s, "a", &[batch(1, 2), batch(2, 1)], h);
+        save(&mut s, "b", &[batch(3, 6)], h);
         purge(&mut s, 2);
         assert_eq!(s.keys(), ["pz_q_a"]);
         let (_, left) = decode_queue(&s.get("pz_q_a").unwrap()).unwrap();
         assert_eq!(left, [batch(2, 1)]);
-        assert!(save(&mut s, "a", [].iter(), h));
+        assert!(save(&mut s, "a", &[], h));
         assert!(s.keys().is_empty());
     }
 }

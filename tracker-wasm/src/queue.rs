@@ -176,13 +176,19 @@ impl Queue {
 
     /// Forgets the batch carried by request `seq`; returns its event count.
     pub fn finish(&mut self, seq: u32) -> u32 {
+        self.remove_sealed(seq, 0)
+    }
+
+    /// Removes the sealed batches carried by request `seq` (not 0) or needing a purpose in
+    /// `need`; returns their event count.
+    fn remove_sealed(&mut self, seq: u32, need: u8) -> u32 {
         let mut n = 0;
         self.sealed.retain(|b| {
-            let done = b.seq == seq;
-            if done {
+            let gone = (seq != 0 && b.seq == seq) || b.need & need != 0;
+            if gone {
                 n += b.count;
             }
-            !done
+            !gone
         });
         n
     }
@@ -196,14 +202,7 @@ impl Queue {
 
     /// Removes every event that needs a purpose in `denied`; returns how many.
     pub fn purge(&mut self, denied: u8) -> u32 {
-        let mut n = 0;
-        self.sealed.retain(|b| {
-            let gone = b.need & denied != 0;
-            if gone {
-                n += b.count;
-            }
-            !gone
-        });
+        let mut n = self.remove_sealed(0, denied);
         self.segments.retain(|s| {
             let gone = s.need & denied != 0;
             if gone {

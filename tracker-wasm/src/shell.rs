@@ -81,9 +81,13 @@ impl Storage for Browser {
         let Some(s) = &self.storage else {
             return Vec::new();
         };
-        (0..s.length().unwrap_or(0))
-            .filter_map(|i| s.key(i).ok().flatten())
-            .collect()
+        let mut keys = Vec::new();
+        for i in 0..s.length().unwrap_or(0) {
+            if let Ok(Some(k)) = s.key(i) {
+                keys.push(k);
+            }
+        }
+        keys
     }
 }
 

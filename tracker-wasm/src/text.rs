@@ -153,12 +153,20 @@ pub fn truncate(s: &mut String, max: usize) -> bool {
 /// Bytes as a string of the characters U+0000..U+00FF, one per byte: what localStorage
 /// (which stores UTF-16 text) can hold without a base64 step.
 pub fn to_latin1(bytes: &[u8]) -> String {
-    bytes.iter().map(|&b| b as char).collect()
+    let mut s = String::with_capacity(bytes.len() + bytes.len() / 2);
+    for &b in bytes {
+        s.push(char::from(b));
+    }
+    s
 }
 
 /// The inverse of [`to_latin1`]; `None` when a character is above U+00FF.
 pub fn from_latin1(s: &str) -> Option<Vec<u8>> {
-    s.chars().map(|c| u8::try_from(u32::from(c)).ok()).collect()
+    let mut out = Vec::with_capacity(s.len());
+    for c in s.chars() {
+        out.push(u8::try_from(u32::from(c)).ok()?);
+    }
+    Some(out)
 }
 
 #[cfg(test)]

@@ -647,7 +647,7 @@ impl Tracker {
             closed: self.closed,
             written: now,
         };
-        persist::save(env, &self.tab, self.queue.sealed.iter(), header);
+        persist::save(env, &self.tab, &self.queue.sealed, header);
         if !self.session.id.is_empty() {
             env.set(persist::SESSION_KEY, &self.session.encode());
         }
