@@ -57,9 +57,26 @@
     } catch (e) { /* lone surrogate */ }
   }
 
+  // Events wait here until a zero-delay timer hands them to Rust, so recording and
+  // encoding never run inside the page's call; any other message (the page going away
+  // included) hands them over first, in order.
+  var pending = [];
+
+  function deliver(message) {
+    try { schedule(W.m(message)); } catch (e) { /* a bug must not break the page */ }
+  }
+
+  function drain() {
+    while (pending.length) deliver(pending.shift());
+  }
+
   function send(parts) {
-    if (ready) {
-      try { schedule(W.m(parts.join('\x1f'))); } catch (e) { /* a bug must not break the page */ }
+    if (!ready) return;
+    if (parts[0] == 'e') {
+      if (pending.push(parts.join('\x1f')) == 1) setTimeout(drain, 0);
+    } else {
+      drain();
+      deliver(parts.join('\x1f'));
     }
   }
 
@@ -302,6 +319,7 @@
     });
     // For tests and debugging: the tracker's state as a plain object (null before init).
     pz.debug = function () {
+      drain();
       try { return JSON.parse(W.debug()); } catch (e) { return null; }
     };
     // The visitor's ids, for the page (the demo's profile inspector): null until known.
