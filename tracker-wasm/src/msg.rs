@@ -93,8 +93,8 @@ pub fn parse(msg: &str) -> Option<Msg> {
         }
     };
     let text = |i: usize| opt(f[i]).map(String::from);
-    let signal = match f[0] {
-        "i" => {
+    let signal = match f[0].as_bytes() {
+        b"i" => {
             let mut numbers = [f64::NAN; MAX_FIELDS - 6];
             for (v, s) in numbers.iter_mut().zip(&f[6..]) {
                 *v = number(s);
@@ -102,23 +102,23 @@ pub fn parse(msg: &str) -> Option<Msg> {
             let cfg = Config::new(f[1], f[2], f[3], opt(f[4]), opt(f[5]), &numbers)?;
             return Some(Msg::Init(cfg));
         }
-        "d" => return Some(Msg::Done(n(1) as u32, n(2) as u16, text(3))),
-        "e" => Signal::Event(event(&f)?),
-        "n" => Signal::Navigate(f[1].into(), [text(2), text(3), text(4), text(5), text(6)]),
-        "c" => Signal::Consent(Update {
+        b"d" => return Some(Msg::Done(n(1) as u32, n(2) as u16, text(3))),
+        b"e" => Signal::Event(event(&f)?),
+        b"n" => Signal::Navigate(f[1].into(), [text(2), text(3), text(4), text(5), text(6)]),
+        b"c" => Signal::Consent(Update {
             grant: bits(1) as u8,
             deny: bits(2) as u8 & !(bits(1) as u8),
         }),
-        "T" => Signal::Tcf(bits(1)),
-        "g" | "G" => Signal::Gcm(f[0] == "G", bits(1) as u8, bits(2) as u8),
-        "k" => Signal::Click(f[1].into()),
-        "t" => Signal::Tick,
-        "h" => Signal::Hidden,
-        "v" => Signal::Visible,
-        "x" => Signal::PageHide,
-        "s" => Signal::ConsentSync,
-        "f" => Signal::Flush,
-        "r" => Signal::Reset,
+        b"T" => Signal::Tcf(bits(1)),
+        [g @ (b'g' | b'G')] => Signal::Gcm(*g == b'G', bits(1) as u8, bits(2) as u8),
+        b"k" => Signal::Click(f[1].into()),
+        b"t" => Signal::Tick,
+        b"h" => Signal::Hidden,
+        b"v" => Signal::Visible,
+        b"x" => Signal::PageHide,
+        b"s" => Signal::ConsentSync,
+        b"f" => Signal::Flush,
+        b"r" => Signal::Reset,
         _ => return None,
     };
     Some(Msg::Signal(signal))
