@@ -59,13 +59,11 @@ impl<'a> Iterator for Fields<'a> {
 
     fn next(&mut self) -> Option<&'a str> {
         let s = self.rest?;
-        let mut i = 0;
-        for &b in s.as_bytes() {
+        for (i, &b) in s.as_bytes().iter().enumerate() {
             if b == self.sep {
                 self.rest = s.get(i + 1..);
                 return s.get(..i);
             }
-            i += 1;
         }
         self.rest = None;
         Some(s)
