@@ -5,7 +5,8 @@
 //!   snippet inline in the demo pages.
 //! - [`demo`]: the collector and a private Redis, serving the demo shop until Ctrl-C.
 //! - [`test`]: every test suite, in order, with the binaries the end-to-end tests start.
-//! - [`bench`]: the collector under load, next to a raw Redis baseline.
+//! - [`bench`]: the collector under load, next to a raw Redis baseline; `pz.track()` in a
+//!   browser page, next to `dataLayer.push()`.
 //! - [`workspace`], [`tools`], [`process`]: paths, required tools, child processes.
 
 use std::ffi::OsString;
@@ -63,11 +64,15 @@ enum Task {
     Demo,
     /// Build the tracker and the binaries, then run every test suite (end-to-end ones included).
     Test,
-    /// Measure the collector under load against a raw pipelined-Redis baseline.
+    /// Measure the collector under load against a raw pipelined-Redis baseline, then what
+    /// `pz.track()` costs a demo page in headless Chromium against `dataLayer.push()`.
     ///
-    /// Arguments after `--` go to both loadgen runs, e.g.
+    /// Arguments after `--` go to the loadgen runs, e.g.
     /// `cargo xtask bench -- --events 50000 --concurrency 16`.
     Bench {
+        /// Run one benchmark only.
+        #[arg(long, value_enum)]
+        only: Option<bench::Only>,
         /// Extra loadgen arguments (--events, --visitors, --batch, --concurrency, --seed).
         #[arg(last = true)]
         loadgen_args: Vec<OsString>,
@@ -81,7 +86,7 @@ fn main() -> ExitCode {
         Task::BuildTracker { check } => build_tracker::run(check),
         Task::Demo => demo::run(),
         Task::Test => test::run(),
-        Task::Bench { loadgen_args } => bench::run(&loadgen_args),
+        Task::Bench { only, loadgen_args } => bench::run(only, &loadgen_args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
