@@ -311,7 +311,9 @@
   };
 
   W().then(function () {
-    W.start(host);
+    var storage;
+    try { storage = w.localStorage; } catch (e) { /* storage disabled: memory only */ }
+    W.start(host, storage, w.crypto);
     var queued = pz.q || [];
     pz.q = { push: function (c) { call(c[0], c[1], c[2]); } };
     Object.keys(api).forEach(function (k) {

@@ -6,7 +6,7 @@
 //! objects through reflection, cost far more wasm and glue than the few lines of script
 //! they replace.
 //!
-//! Exports: `start(host)`, `m(message)` (every API call and page event, as text: see
+//! Exports: `start(host, storage, crypto)`, `m(message)` (every API call and page event, as text: see
 //! [`msg`]) and `debug()`. A single text export needs far less glue than one export per
 //! call or reading JavaScript objects from Rust.
 
@@ -107,18 +107,16 @@ impl Env for Browser {
     }
 }
 
-/// Binds the tracker to the page: `host.s(url, bytes, seq)` delivers batches.
+/// Binds the tracker to the page: `host.s(url, bytes, seq)` delivers batches; `storage`
+/// is `localStorage` (absent where the browser refuses it: then the tracker keeps everything
+/// in memory) and `crypto` is `window.crypto`. The loader looks them up: finding the window
+/// from Rust costs more glue than the lookup itself.
 #[wasm_bindgen]
-pub fn start(host: Host) {
-    let window = web_sys::window();
+pub fn start(host: Host, storage: Option<web_sys::Storage>, crypto: Option<web_sys::Crypto>) {
     let browser = Browser {
         host,
-        // Throws (caught by web-sys) where storage is disabled; then the tracker keeps
-        // everything in memory.
-        storage: window
-            .as_ref()
-            .and_then(|w| w.local_storage().ok().flatten()),
-        crypto: window.as_ref().and_then(|w| w.crypto().ok()),
+        storage,
+        crypto,
     };
     if let Ok(mut s) = STATE.0.try_borrow_mut() {
         s.0 = Some(browser);
