@@ -60,19 +60,18 @@ pub fn assemble<'a>(
 ) -> Vec<u8> {
     let mut w = Writer(Vec::with_capacity(256 + context.len()));
     w.0.extend_from_slice(&[0, 0, 0, 0, b'P', b'E', b'B', b'1']);
-    let s = w.table(
+    let at = w.table(
         0,
         &[
-            (0, Slot::Offset),
+            (0, Slot::Str(write_key)),
             (1, Slot::I64(sent_at_ms)),
             (2, Slot::U8(consent)),
             (3, Slot::Offset),
             (4, Slot::Offset),
         ],
     );
-    w.string(s[0], write_key);
-    w.place(s[1], context);
-    let first = w.vector(s[2], events.len());
+    w.place(at[3], context);
+    let first = w.vector(at[4], events.len());
     for (i, piece) in events.enumerate() {
         w.place(first + 4 * i, piece);
     }
@@ -119,7 +118,11 @@ fn u16_at(b: &[u8], i: usize) -> Option<usize> {
 /// One field of a table.
 #[derive(Clone, Copy)]
 enum Slot<'a> {
-    /// A `uoffset` to a child written later.
+    /// An absent field (an empty optional): not written, 0 in the vtable.
+    Skip,
+    /// A string, written right after the table.
+    Str(&'a str),
+    /// A `uoffset` to a child the caller writes later.
     Offset,
     I64(i64),
     U32(u32),
@@ -129,15 +132,24 @@ enum Slot<'a> {
     Id(&'a [u8; 16]),
 }
 
-impl Slot<'_> {
+impl<'a> Slot<'a> {
     fn size(self) -> usize {
         match self {
+            Slot::Skip => 0,
             Slot::I64(_) => 8,
-            Slot::Offset | Slot::U32(_) => 4,
+            Slot::Str(_) | Slot::Offset | Slot::U32(_) => 4,
             Slot::U16(_) => 2,
             Slot::U8(_) => 1,
             Slot::Id(_) => 16,
         }
+    }
+
+    fn opt(s: &'a Option<String>) -> Slot<'a> {
+        s.as_deref().map_or(Slot::Skip, Slot::Str)
+    }
+
+    fn list(n: usize) -> Slot<'a> {
+        if n > 0 { Slot::Offset } else { Slot::Skip }
     }
 }
 
@@ -164,35 +176,38 @@ impl Writer {
         self.put(slot, &offset.to_le_bytes());
     }
 
-    /// Writes a vtable and a table with `fields` (`(field id, value)`, ids ascending or
-    /// not), points `parent` at the table, and returns the positions of its `Offset` slots
-    /// in the order given. Fields are laid out largest first, so each is aligned: 8-byte
-    /// ones start right after the 4-byte vtable offset of a table placed at 4 mod 8.
-    fn table(&mut self, parent: usize, fields: &[(usize, Slot<'_>)]) -> Vec<usize> {
-        let count = fields.iter().map(|f| f.0 + 1).max().unwrap_or(0);
+    /// Writes a vtable and a table with `fields` (`(field id, value)`, ids below 16), points
+    /// `parent` at the table, writes its strings, and returns the position of each
+    /// [`Slot::Offset`] by field id, for the caller to write those children. Fields are laid
+    /// out largest first, so each is aligned: 8-byte ones start right after the 4-byte
+    /// vtable offset of a table placed at 4 mod 8.
+    fn table(&mut self, parent: usize, fields: &[(usize, Slot<'_>)]) -> [usize; 16] {
         let mut at = [0usize; 16];
         let mut size = 4;
         for width in [8, 4, 16, 2, 1] {
-            for (i, f) in fields.iter().enumerate() {
-                if f.1.size() == width {
-                    at[i] = size;
+            for &(id, f) in fields {
+                if f.size() == width {
+                    at[id] = size;
                     size += width;
                 }
             }
         }
+        let mut count = 0;
+        let mut wide = false;
+        for &(id, f) in fields {
+            if f.size() > 0 && id >= count {
+                count = id + 1;
+            }
+            wide |= f.size() == 8;
+        }
         self.pad(2);
         let vtable = self.0.len();
-        let mut entries = [0u16; 16];
-        for (i, f) in fields.iter().enumerate() {
-            entries[f.0] = at[i] as u16;
-        }
-        for v in [(4 + 2 * count) as u16, size as u16]
-            .iter()
-            .chain(&entries[..count])
-        {
+        for v in [(4 + 2 * count) as u16, size as u16] {
             self.0.extend_from_slice(&v.to_le_bytes());
         }
-        let wide = fields.iter().any(|f| f.1.size() == 8);
+        for v in &at[..count] {
+            self.0.extend_from_slice(&(*v as u16).to_le_bytes());
+        }
         while !self.0.len().is_multiple_of(4) || (wide && self.0.len() % 8 != 4) {
             self.0.push(0);
         }
@@ -200,11 +215,11 @@ impl Writer {
         self.patch(parent);
         self.0.resize(table + size, 0);
         self.put(table, &((table - vtable) as i32).to_le_bytes());
-        let mut offsets = Vec::new();
-        for (i, f) in fields.iter().enumerate() {
-            let p = table + at[i];
-            match f.1 {
-                Slot::Offset => offsets.push(p),
+        for &(id, f) in fields {
+            let p = table + at[id];
+            match f {
+                Slot::Skip => {}
+                Slot::Str(_) | Slot::Offset => at[id] = p,
                 Slot::I64(v) => self.put(p, &v.to_le_bytes()),
                 Slot::U32(v) => self.put(p, &v.to_le_bytes()),
                 Slot::U16(v) => self.put(p, &v.to_le_bytes()),
@@ -212,7 +227,12 @@ impl Writer {
                 Slot::Id(v) => self.put(p, v),
             }
         }
-        offsets
+        for &(id, f) in fields {
+            if let Slot::Str(s) = f {
+                self.string(at[id], s);
+            }
+        }
+        at
     }
 
     /// Copies a piece (see the module docs) and points `parent` at its table.
@@ -246,99 +266,58 @@ impl Writer {
         first
     }
 
-    /// A table whose fields are optional strings (and the given scalars), then the strings.
-    fn strings_table(
-        &mut self,
-        parent: usize,
-        strings: &[(usize, &Option<String>)],
-        scalars: &[(usize, Slot<'_>)],
-    ) {
-        let mut fields: Vec<(usize, Slot<'_>)> = strings
-            .iter()
-            .filter(|s| s.1.is_some())
-            .map(|s| (s.0, Slot::Offset))
-            .collect();
-        fields.extend_from_slice(scalars);
-        let slots = self.table(parent, &fields);
-        for (slot, s) in slots
-            .iter()
-            .zip(strings.iter().filter_map(|s| s.1.as_deref()))
-        {
-            self.string(*slot, s);
-        }
-    }
-
     fn context(&mut self, parent: usize, c: &Context) {
-        self.strings_table(
+        let o = Slot::opt;
+        self.table(
             parent,
             &[
-                (0, &c.page_url),
-                (1, &c.referrer),
-                (2, &c.utm_source),
-                (3, &c.utm_medium),
-                (4, &c.utm_campaign),
-                (5, &c.utm_term),
-                (6, &c.utm_content),
-                (7, &c.locale),
-                (8, &c.timezone),
-                (11, &c.session_id),
-                (12, &c.anonymous_id),
-                (13, &c.user_id),
-            ],
-            &[
+                (0, o(&c.page_url)),
+                (1, o(&c.referrer)),
+                (2, o(&c.utm_source)),
+                (3, o(&c.utm_medium)),
+                (4, o(&c.utm_campaign)),
+                (5, o(&c.utm_term)),
+                (6, o(&c.utm_content)),
+                (7, o(&c.locale)),
+                (8, o(&c.timezone)),
                 (9, Slot::U16(c.screen_width)),
                 (10, Slot::U16(c.screen_height)),
+                (11, o(&c.session_id)),
+                (12, o(&c.anonymous_id)),
+                (13, o(&c.user_id)),
             ],
         );
     }
 
     fn event(&mut self, parent: usize, e: &Event) {
-        let mut fields = alloc::vec![
-            (0, Slot::Id(&e.message_id)),
-            (1, Slot::I64(e.timestamp_ms)),
-            (2, Slot::U8(e.kind as u8)),
-            (9, Slot::I64(e.revenue)),
-            (11, Slot::U8(e.consent_granted)),
-            (12, Slot::U8(e.consent_denied)),
-            (13, Slot::U8(e.purpose as u8)),
-        ];
-        let strings = [
-            (3, &e.name),
-            (6, &e.user_id),
-            (7, &e.previous_id),
-            (8, &e.order_id),
-            (10, &e.currency),
-        ];
-        for (id, s) in strings {
-            if s.is_some() {
-                fields.push((id, Slot::Offset));
-            }
-        }
-        let lists = [(4, e.properties.len()), (5, e.items.len())];
-        for (id, n) in lists {
-            if n > 0 {
-                fields.push((id, Slot::Offset));
-            }
-        }
-        let slots = self.table(parent, &fields);
-        let mut slots = slots.into_iter();
-        for s in strings.iter().filter_map(|s| s.1.as_deref()) {
-            if let Some(slot) = slots.next() {
-                self.string(slot, s);
-            }
-        }
-        if !e.properties.is_empty()
-            && let Some(slot) = slots.next()
-        {
-            let first = self.vector(slot, e.properties.len());
+        let o = Slot::opt;
+        let at = self.table(
+            parent,
+            &[
+                (0, Slot::Id(&e.message_id)),
+                (1, Slot::I64(e.timestamp_ms)),
+                (2, Slot::U8(e.kind as u8)),
+                (3, o(&e.name)),
+                (4, Slot::list(e.properties.len())),
+                (5, Slot::list(e.items.len())),
+                (6, o(&e.user_id)),
+                (7, o(&e.previous_id)),
+                (8, o(&e.order_id)),
+                (9, Slot::I64(e.revenue)),
+                (10, o(&e.currency)),
+                (11, Slot::U8(e.consent_granted)),
+                (12, Slot::U8(e.consent_denied)),
+                (13, Slot::U8(e.purpose as u8)),
+            ],
+        );
+        if !e.properties.is_empty() {
+            let first = self.vector(at[4], e.properties.len());
             for (i, p) in e.properties.iter().enumerate() {
                 self.property(first + 4 * i, p);
             }
         }
-        if !e.items.is_empty()
-            && let Some(slot) = slots.next()
-        {
-            let first = self.vector(slot, e.items.len());
+        if !e.items.is_empty() {
+            let first = self.vector(at[5], e.items.len());
             for (i, item) in e.items.iter().enumerate() {
                 self.item(first + 4 * i, item);
             }
@@ -347,39 +326,33 @@ impl Writer {
 
     fn property(&mut self, parent: usize, p: &Property) {
         // The union `value` takes two field ids: its type (1) and the table (2).
-        let tag = match p.value {
-            Value::String(_) => 1,
-            Value::Int(_) => 2,
-            Value::Float(_) => 3,
-            Value::Bool(_) => 4,
+        let (tag, value) = match &p.value {
+            Value::String(text) => (1, Slot::Str(text)),
+            Value::Int(i) => (2, Slot::I64(*i)),
+            Value::Float(f) => (3, Slot::I64(f.to_bits() as i64)),
+            Value::Bool(b) => (4, Slot::U8(u8::from(*b))),
         };
-        let s = self.table(
+        let at = self.table(
             parent,
-            &[(0, Slot::Offset), (1, Slot::U8(tag)), (2, Slot::Offset)],
+            &[
+                (0, Slot::Str(&p.key)),
+                (1, Slot::U8(tag)),
+                (2, Slot::Offset),
+            ],
         );
-        self.string(s[0], &p.key);
-        let value = match &p.value {
-            Value::String(text) => {
-                let v = self.table(s[1], &[(0, Slot::Offset)]);
-                self.string(v[0], text);
-                return;
-            }
-            Value::Int(i) => Slot::I64(*i),
-            Value::Float(f) => Slot::I64(f.to_bits() as i64),
-            Value::Bool(b) => Slot::U8(u8::from(*b)),
-        };
-        self.table(s[1], &[(0, value)]);
+        self.table(at[2], &[(0, value)]);
     }
 
     fn item(&mut self, parent: usize, i: &Item) {
-        self.strings_table(
+        self.table(
             parent,
             &[
-                (0, &Some(i.product_id.clone())),
-                (1, &i.category),
-                (4, &i.name),
+                (0, Slot::Str(&i.product_id)),
+                (1, Slot::opt(&i.category)),
+                (2, Slot::I64(i.price)),
+                (3, Slot::U32(i.quantity)),
+                (4, Slot::opt(&i.name)),
             ],
-            &[(2, Slot::I64(i.price)), (3, Slot::U32(i.quantity))],
         );
     }
 }

@@ -169,8 +169,12 @@ pub fn build_files(ws: &Workspace) -> anyhow::Result<Vec<Built>> {
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     process::run(
         Command::new(npm_bin.join("wasm-opt"))
-            .arg("-Oz")
+            // Flattening and re-running the relooper before -Oz, then -Oz again until nothing
+            // changes: about 1% smaller, gzip, than -Oz alone on this module.
+            .args(["--flatten", "--rereloop", "-Oz", "-Oz", "--converge"])
             .args(WASM_FEATURES)
+            // Metadata no browser reads: the toolchain versions and the feature list.
+            .args(["--strip-producers", "--strip-target-features"])
             .arg(work.join("pz_bg.wasm"))
             .arg("-o")
             .arg(out.join("pz_bg.wasm")),
