@@ -107,29 +107,6 @@ impl Config {
     }
 }
 
-/// An event from the page, checked.
-#[derive(Debug, Clone, PartialEq, Default)]
-pub struct ApiEvent {
-    /// What happened (not `ConsentChange`, which only the tracker makes).
-    pub kind: EventKind,
-    /// When (Unix ms; 0: now).
-    pub ts: f64,
-    /// Track event name or page name.
-    pub name: Option<String>,
-    /// Properties or traits.
-    pub properties: Vec<Property>,
-    /// Commerce items.
-    pub items: Vec<Item>,
-    /// Identify: the user id; alias: the new id.
-    pub user_id: Option<String>,
-    /// Order id.
-    pub order_id: Option<String>,
-    /// Order revenue (minor units).
-    pub revenue: i64,
-    /// Order currency.
-    pub currency: Option<String>,
-}
-
 /// A non-empty string, cut to the collector's limit.
 pub fn string(s: &str) -> Option<String> {
     let mut s = String::from(s);

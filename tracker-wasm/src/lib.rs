@@ -72,6 +72,6 @@ pub mod tracker;
 #[cfg(target_arch = "wasm32")]
 mod shell;
 
-pub use api::{ApiEvent, Config};
+pub use api::Config;
 pub use persist::Storage;
 pub use tracker::{Env, NO_TICK, Signal, Tracker};

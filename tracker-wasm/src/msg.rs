@@ -19,9 +19,9 @@
 //! | `t` timer, `h` hidden, `v` visible, `x` pagehide, `s` consent changed in another tab, `f` flush, `r` reset | none |
 
 use alloc::string::String;
-use wire::EventKind;
+use wire::{Event, EventKind};
 
-use crate::api::{self, ApiEvent, Config};
+use crate::api::{self, Config};
 use crate::consent::Update;
 use crate::text;
 use crate::tracker::Signal;
@@ -124,17 +124,19 @@ pub fn parse(msg: &str) -> Option<Msg> {
     Some(Msg::Signal(signal))
 }
 
-fn event(f: &[&str; MAX_FIELDS]) -> Option<ApiEvent> {
+/// An event from the page, checked; the tracker adds its id and purpose (and the time, when
+/// the page gave none: 0).
+fn event(f: &[&str; MAX_FIELDS]) -> Option<Event> {
     let kind = EventKind::from_u8(number(f[1]) as u8)?;
-    let mut e = ApiEvent {
+    let mut e = Event {
         kind,
-        ts: number(f[2]),
+        timestamp_ms: api::int(number(f[2])).filter(|t| *t > 0).unwrap_or(0),
         name: api::string(f[3]),
         user_id: api::id(f[4]),
         order_id: api::id(f[5]),
         revenue: api::int(number(f[6])).unwrap_or(0),
         currency: api::string(f[7]),
-        ..ApiEvent::default()
+        ..Event::default()
     };
     for p in text::fields(f[8], 0x1e) {
         let [key, kind, value] = split(p, 0x1d);
@@ -192,7 +194,7 @@ mod tests {
             panic!("not an event");
         };
         assert_eq!(e.kind, EventKind::OrderCompleted);
-        assert_eq!(e.ts, 1_700_000_000_000.0);
+        assert_eq!(e.timestamp_ms, 1_700_000_000_000);
         assert_eq!((e.name, e.user_id), (None, None));
         assert_eq!(e.order_id.as_deref(), Some("o-1"));
         assert_eq!((e.revenue, e.currency.as_deref()), (5998, Some("EUR")));

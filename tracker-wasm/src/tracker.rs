@@ -12,7 +12,7 @@ use alloc::vec::Vec;
 
 use wire::{Context, Event, EventKind, Property, Value};
 
-use crate::api::{self, ApiEvent, Config};
+use crate::api::{self, Config};
 use crate::backoff::{self, Backoff, Outcome};
 use crate::batch;
 use crate::consent::{self, ANALYTICS, Consent, Gate, NECESSARY, PERSONALIZATION, State, Update};
@@ -56,8 +56,8 @@ pub trait Env: Storage {
 pub enum Signal {
     /// The timer fired.
     Tick,
-    /// An API event.
-    Event(ApiEvent),
+    /// An event from the page (without id and purpose; time 0: now).
+    Event(Event),
     /// `pz.consent(...)`: the visitor's decision.
     Consent(Update),
     /// `visibilitychange` to hidden.
@@ -365,10 +365,14 @@ impl Tracker {
         s
     }
 
-    fn api_event(&mut self, env: &mut impl Env, e: ApiEvent, now: f64) {
-        let ts = if e.ts > 0.0 { e.ts } else { now };
-        let mut ev = self.event(env, e.kind, ts);
-        match e.kind {
+    fn api_event(&mut self, env: &mut impl Env, mut ev: Event, now: f64) {
+        let ts = if ev.timestamp_ms > 0 {
+            ev.timestamp_ms as f64
+        } else {
+            now
+        };
+        self.stamp(env, &mut ev, ts);
+        match ev.kind {
             EventKind::Page => {
                 // The automatic view of this URL, while unsealed, takes the name and
                 // properties instead of a second view being counted.
@@ -379,8 +383,6 @@ impl Tracker {
                             if view.id == id {
                                 ev.message_id = id;
                                 ev.timestamp_ms = view.ts as i64;
-                                ev.name = e.name;
-                                ev.properties = e.properties;
                                 *view = Piece::new(&ev);
                                 return;
                             }
@@ -389,27 +391,22 @@ impl Tracker {
                 }
             }
             EventKind::Identify | EventKind::Alias => {
-                let Some(user) = e.user_id else { return };
+                let Some(user) = ev.user_id.clone() else {
+                    return;
+                };
                 let previous = self
                     .user_id
-                    .replace(user.clone())
+                    .replace(user)
                     .unwrap_or(self.anonymous_id.clone());
                 self.store_ids(env);
                 self.refresh_ctx();
-                if e.kind == EventKind::Alias {
+                if ev.kind == EventKind::Alias {
                     ev.previous_id = Some(previous);
                 }
-                ev.user_id = Some(user);
             }
             EventKind::ConsentChange => return,
             _ => {}
         }
-        ev.name = e.name;
-        ev.properties = e.properties;
-        ev.items = e.items;
-        ev.order_id = e.order_id;
-        ev.revenue = e.revenue;
-        ev.currency = e.currency;
         self.record(ev);
     }
 
@@ -552,16 +549,20 @@ impl Tracker {
     }
 
     fn event(&mut self, env: &mut impl Env, kind: EventKind, ts: f64) -> Event {
-        let mut message_id = [0u8; 16];
-        env.random(&mut message_id);
-        message_id[6] |= 1; // never all zero
-        Event {
-            message_id,
-            timestamp_ms: ts as i64,
+        let mut ev = Event {
             kind,
-            purpose: self.cfg.purposes[kind as usize],
             ..Event::default()
-        }
+        };
+        self.stamp(env, &mut ev, ts);
+        ev
+    }
+
+    /// Gives `ev` a new message id, the time `ts` and its kind's declared purpose.
+    fn stamp(&mut self, env: &mut impl Env, ev: &mut Event, ts: f64) {
+        env.random(&mut ev.message_id);
+        ev.message_id[6] |= 1; // never all zero
+        ev.timestamp_ms = ts as i64;
+        ev.purpose = self.cfg.purposes[ev.kind as usize];
     }
 
     /// Puts `ev` through the consent gate.
