@@ -157,6 +157,10 @@ pub fn build_files(ws: &Workspace) -> anyhow::Result<Vec<Built>> {
                 "--target",
                 "no-modules",
                 "--no-typescript",
+                // Every browser that runs wasm with reference types has encodeInto: no
+                // fallback path in the glue.
+                "--encode-into",
+                "always",
                 "--out-name",
                 "pz",
                 "--out-dir",
