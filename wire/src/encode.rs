@@ -267,26 +267,26 @@ impl Writer {
     }
 
     fn context(&mut self, parent: usize, c: &Context) {
-        let o = Slot::opt;
-        self.table(
-            parent,
-            &[
-                (0, o(&c.page_url)),
-                (1, o(&c.referrer)),
-                (2, o(&c.utm_source)),
-                (3, o(&c.utm_medium)),
-                (4, o(&c.utm_campaign)),
-                (5, o(&c.utm_term)),
-                (6, o(&c.utm_content)),
-                (7, o(&c.locale)),
-                (8, o(&c.timezone)),
-                (9, Slot::U16(c.screen_width)),
-                (10, Slot::U16(c.screen_height)),
-                (11, o(&c.session_id)),
-                (12, o(&c.anonymous_id)),
-                (13, o(&c.user_id)),
-            ],
-        );
+        let strings = [
+            (0, &c.page_url),
+            (1, &c.referrer),
+            (2, &c.utm_source),
+            (3, &c.utm_medium),
+            (4, &c.utm_campaign),
+            (5, &c.utm_term),
+            (6, &c.utm_content),
+            (7, &c.locale),
+            (8, &c.timezone),
+            (11, &c.session_id),
+            (12, &c.anonymous_id),
+            (13, &c.user_id),
+        ];
+        let mut fields = [(9, Slot::U16(c.screen_width)); 14];
+        fields[1] = (10, Slot::U16(c.screen_height));
+        for (f, (id, s)) in fields[2..].iter_mut().zip(strings) {
+            *f = (id, Slot::opt(s));
+        }
+        self.table(parent, &fields);
     }
 
     fn event(&mut self, parent: usize, e: &Event) {
