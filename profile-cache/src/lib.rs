@@ -11,12 +11,15 @@
 //! - `script` (private): the apply script `apply.lua`, its arguments, and the event stream
 //!   entry it writes.
 //! - [`lifecycle`]: lifecycle stage thresholds and the stage of a profile at a time.
+//! - [`segments`]: segment definitions, their checks, the compiled form and the reference
+//!   (from-scratch) evaluator with deadlines.
 //! - `testing` (feature `testing`): throwaway `redis-server` processes for tests and tools.
 
 pub mod keys;
 pub mod lifecycle;
 pub mod model;
 mod script;
+pub mod segments;
 pub mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
