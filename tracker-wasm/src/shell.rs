@@ -58,6 +58,10 @@ struct Browser {
     host: Host,
     storage: Option<web_sys::Storage>,
     crypto: Option<web_sys::Crypto>,
+    /// Random bytes fetched ahead: one `getRandomValues` call per 16 message ids instead of
+    /// one per event, on the page's time.
+    pool: [u8; 256],
+    used: usize,
 }
 
 impl Storage for Browser {
@@ -97,8 +101,15 @@ impl Env for Browser {
     }
 
     fn random(&mut self, buf: &mut [u8]) {
-        if let Some(c) = &self.crypto {
-            let _ = c.get_random_values_with_u8_array(buf);
+        for b in buf {
+            if self.used >= self.pool.len() {
+                if let Some(c) = &self.crypto {
+                    let _ = c.get_random_values_with_u8_array(&mut self.pool);
+                }
+                self.used = 0;
+            }
+            *b = self.pool[self.used];
+            self.used += 1;
         }
     }
 
@@ -117,6 +128,8 @@ pub fn start(host: Host, storage: Option<web_sys::Storage>, crypto: Option<web_s
         host,
         storage,
         crypto,
+        pool: [0; 256],
+        used: 256,
     };
     if let Ok(mut s) = STATE.0.try_borrow_mut() {
         s.0 = Some(browser);
