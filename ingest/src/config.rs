@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use figment::Figment;
 use figment::providers::{Format, Serialized, Toml};
+use figment::value::magic::RelativePathBuf;
 use profile_cache::ProfileConfig;
+use profile_cache::segments::{Segment, SegmentErrors, compile};
 use serde::{Deserialize, Serialize};
 
 /// The demo write key; accepted only on a loopback address.
@@ -42,6 +44,12 @@ pub struct Config {
     pub limits: LimitsConfig,
     /// How profiles are kept in Redis.
     pub profiles: ProfileConfig,
+    /// Segment definitions, `[[segments]]` tables (see `profile_cache::segments`), kept as
+    /// written so that [`Config::segments`] can report every problem of every table.
+    pub segments: Vec<serde_json::Value>,
+    /// A TOML file of `[[segments]]` tables, instead of `segments`. A relative path is taken
+    /// from the directory of the config file that names it.
+    pub segments_file: Option<RelativePathBuf>,
 }
 
 impl Default for Config {
@@ -58,6 +66,8 @@ impl Default for Config {
             write_keys: Vec::new(),
             limits: LimitsConfig::default(),
             profiles: ProfileConfig::default(),
+            segments: Vec::new(),
+            segments_file: None,
         }
     }
 }
@@ -135,6 +145,26 @@ pub enum ConfigError {
         /// What is wrong.
         problem: String,
     },
+    /// Segment definitions that do not check: every problem, one per line.
+    #[error("{setting}: {} in the segment definitions:\n{}", count(.errors), indent(.errors))]
+    Segments {
+        /// `segments`, or `segments_file <path>`.
+        setting: String,
+        /// The problems.
+        errors: SegmentErrors,
+    },
+}
+
+fn count(errors: &SegmentErrors) -> String {
+    match errors.0.len() {
+        1 => "1 problem".into(),
+        n => format!("{n} problems"),
+    }
+}
+
+fn indent(errors: &SegmentErrors) -> String {
+    let lines: Vec<String> = errors.0.iter().map(|e| format!("  {e}")).collect();
+    lines.join("\n")
 }
 
 impl Config {
@@ -243,7 +273,53 @@ impl Config {
         self.profiles
             .validate()
             .map_err(|e| invalid("profiles", e.to_string()))?;
+        self.segments()?;
         Ok(())
+    }
+
+    /// The segments of `segments` or `segments_file`, checked and compiled with the
+    /// lifecycle thresholds of `profiles.lifecycle`.
+    ///
+    /// # Errors
+    /// Both settings are given, the file cannot be read, or [`ConfigError::Segments`]
+    /// listing every problem of every definition.
+    pub fn segments(&self) -> Result<Vec<Segment>, ConfigError> {
+        let Some(file) = &self.segments_file else {
+            return compile(&self.segments, &self.profiles.lifecycle).map_err(|errors| {
+                ConfigError::Segments {
+                    setting: "segments".into(),
+                    errors,
+                }
+            });
+        };
+        if !self.segments.is_empty() {
+            return Err(invalid(
+                "segments_file",
+                "is set together with segments; define segments in one of them",
+            ));
+        }
+        let path = file.relative();
+        if !path.exists() {
+            return Err(invalid(
+                "segments_file",
+                format!("file {} does not exist", path.display()),
+            ));
+        }
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct SegmentsFile {
+            #[serde(default)]
+            segments: Vec<serde_json::Value>,
+        }
+        let tables: SegmentsFile = Figment::from(Toml::file_exact(&path))
+            .extract()
+            .map_err(Box::new)?;
+        compile(&tables.segments, &self.profiles.lifecycle).map_err(|errors| {
+            ConfigError::Segments {
+                setting: format!("segments_file {}", path.display()),
+                errors,
+            }
+        })
     }
 }
 

@@ -36,9 +36,16 @@ pub async fn serve(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let segments = config.segments().context("configuration")?;
     let store = profile_cache::RedisProfiles::connect(&config.redis_url, config.profiles.clone())
         .await
-        .with_context(|| format!("connecting to redis at {}", redact(&config.redis_url)))?;
+        .with_context(|| format!("connecting to redis at {}", redact(&config.redis_url)))?
+        .with_segments(&segments)
+        .await?;
+    info!(
+        segments = segments.len(),
+        "segments evaluated on every update"
+    );
     let timeout = config.shutdown_timeout;
     let state = AppState {
         store: Arc::new(store),

@@ -114,4 +114,123 @@ fn the_shipped_demo_config_is_valid() {
     let config = Config::load(Some(std::path::Path::new(path)), &[]).unwrap();
     assert!(config.demo);
     assert_eq!(config.listen.to_string(), "127.0.0.1:8080");
+    let segments = config.segments().unwrap();
+    assert_eq!(segments.len(), 13);
+    assert_eq!(segments[6].name, "cart_abandoners_30m");
+}
+
+#[test]
+fn segments_come_from_the_config_or_a_file_beside_it() {
+    let inline = file(
+        r#"
+[[segments]]
+name = "loyal"
+condition = { metric = { field = "orders", at_least = 3 } }
+"#,
+    );
+    let config = Config::load(Some(inline.path()), &[]).unwrap();
+    let names: Vec<String> = config
+        .segments()
+        .unwrap()
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    assert_eq!(names, ["loyal"]);
+
+    // A relative segments_file is found next to the config file, wherever the collector runs.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("segments.toml"),
+        "[[segments]]\nname = \"new\"\ncondition = { lifecycle = \"new\" }\n",
+    )
+    .unwrap();
+    let config_path = dir.path().join("ingest.toml");
+    std::fs::write(
+        &config_path,
+        "segments_file = \"segments.toml\"\n[profiles.lifecycle]\nnew_for = \"3d\"\n",
+    )
+    .unwrap();
+    let config = Config::load(Some(&config_path), &[]).unwrap();
+    let segments = config.segments().unwrap();
+    assert_eq!(segments[0].name, "new");
+    // Compiled with the configured thresholds: first seen within 3 days.
+    assert_eq!(
+        serde_json::to_value(&segments[0].condition).unwrap()["of"][1]["ms"],
+        3 * 86_400_000_i64
+    );
+    // An environment variable names a path from the working directory.
+    let env_path = dir.path().join("segments.toml").display().to_string();
+    let config = Config::load(None, &env(&[("INGEST_SEGMENTS_FILE", &env_path)])).unwrap();
+    assert_eq!(config.segments().unwrap().len(), 1);
+    let err = Config::load(
+        None,
+        &env(&[("INGEST_SEGMENTS_FILE", "/nonexistent/s.toml")]),
+    )
+    .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "segments_file: file /nonexistent/s.toml does not exist"
+    );
+
+    std::fs::write(
+        &config_path,
+        "segments_file = \"segments.toml\"\n[[segments]]\nname = \"x\"\ncondition = { cart = \"empty\" }\n",
+    )
+    .unwrap();
+    let err = Config::load(Some(&config_path), &[]).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "segments_file: is set together with segments; define segments in one of them"
+    );
+}
+
+#[test]
+fn every_problem_of_every_segment_is_listed() {
+    let f = file(
+        r#"
+[[segments]]
+name = "cart_abandoners"
+condition = { all = [
+  { cart = "not_empty" },
+  { older_than = { field = "cart_updated_at", duration = "30x" } },
+] }
+
+[[segments]]
+name = "Loyal"
+condition = { metric = { field = "orders" } }
+"#,
+    );
+    let err = Config::load(Some(f.path()), &[]).unwrap_err();
+    assert!(matches!(err, ConfigError::Segments { .. }), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        concat!(
+            "segments: 3 problems in the segment definitions:\n",
+            r#"  segment "cart_abandoners": condition.all[1].older_than.duration: "30x" is not a duration like "30m", "24h" or "7d": unknown time unit "x", supported units: ns, us/µs, ms, sec, min, hours, days, weeks, months, years (and few variations)"#,
+            "\n",
+            r#"  segment "Loyal": name: "Loyal" is not a segment name: use 1 to 64 lowercase letters, digits, _ or -, starting with a letter"#,
+            "\n",
+            r#"  segment "Loyal": condition.metric: needs at_least, at_most or both"#,
+        )
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("segments.toml");
+    std::fs::write(
+        &path,
+        "[[segments]]\nname = \"s\"\ncondition = { cart = \"full\" }\n",
+    )
+    .unwrap();
+    let err = Config::load(
+        None,
+        &env(&[("INGEST_SEGMENTS_FILE", &path.display().to_string())]),
+    )
+    .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "segments_file {}: 1 problem in the segment definitions:\n  segment \"s\": condition.cart: unknown variant `full`, expected `empty` or `not_empty`",
+            path.display()
+        )
+    );
 }

@@ -1,30 +1,48 @@
--- Applies the events of one batch to one profile, atomically and idempotently.
+-- Applies the events of one batch to one profile, atomically and idempotently, and
+-- re-evaluates the profile's segments in the same call.
 --
 -- KEYS: 1 profile, 2 traits, 3 counts, 4 ids, 5 viewed, 6 cat_viewed, 7 cat_bought, 8 cart,
---       9 dedupe, 10 the event stream (names: keys.rs).
+--       9 dedupe, 10 windows, 11 segments, 12 the event stream, 13 the transition stream,
+--       14 the deadline schedule, then the member set of each segment of `plan`, in its
+--       order (names: keys.rs).
 -- ARGV: 1 now (Unix ms), 2 dedupe window (ms), 3 dedupe max ids, 4 recently viewed max,
---       5 event stream max length, 6 lifecycle new_for (ms), 7 profile id, 8 anonymous id,
---       9 user id, 10 session id ('' when unknown), then one JSON object per event, in the
---       client's order (script.rs, `ScriptEvent`): id (32 hex), kind, count (counts field),
---       ts and received (Unix ms), items [{product, category?, price, quantity}],
---       traits [[name, text]], revenue, currency, granted / denied [purpose], and event (the
---       stream entry, stored as is).
+--       5 event stream max length, 6 lifecycle new_for (ms), 7 transition stream max length,
+--       8 profile id, 9 anonymous id, 10 user id, 11 session id ('' when unknown), then one
+--       JSON object per event, in the client's order (script.rs, `ScriptEvent`): id (32
+--       hex), kind, count (counts field), ts and received (Unix ms), items [{product,
+--       category?, price, quantity}], traits [[name, text]], revenue, currency, granted /
+--       denied [purpose], and event (the stream entry, stored as is).
 -- Returns {applied, duplicates}.
 --
--- Redis does not roll back a script that fails halfway, so everything that can fail (key
--- types, stored numbers and cart lines this call reads) is checked before the first write;
--- bad data gets the error reply CORRUPT {"key":..,"field":..,"detail":..} and no change.
--- Numbers from cjson are doubles: exact for integers up to 2^53, which script.rs ensures.
+-- The configured segments are part of the script's text: script.rs (`ScriptSegments`)
+-- writes them into the `local plan` line below as a Lua table when the store is built, so
+-- no call sends or decodes them: {segments = {{name, condition}}, windows = {{event,
+-- category?, tail}}, retention (hours), counts = {name}, traits = {name}, cart (bool)},
+-- where a condition is the compiled form of segments.rs. Without segments it stays nil.
+--
+-- Redis does not roll back a script that fails halfway, so the script works in three
+-- phases: read and check everything it will use or write (key types, stored numbers, cart
+-- lines, window buckets, memberships); compute the new profile and its segment memberships
+-- in Lua; then write. Bad data gets the error reply CORRUPT {"key":..,"field":..,"detail":..}
+-- and no change. Numbers from cjson are doubles: exact for integers up to 2^53, which
+-- script.rs and segments.rs ensure.
 
-local P, TRAITS, COUNTS, IDS, VIEWED, CAT_VIEWED, CAT_BOUGHT, CART, DEDUPE, STREAM =
-  KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9], KEYS[10]
+local P, TRAITS, COUNTS, IDS, VIEWED, CAT_VIEWED, CAT_BOUGHT, CART, DEDUPE, WINDOWS, SEGMENTS,
+  STREAM, TRANSITIONS, DEADLINES = unpack(KEYS, 1, 14)
+local FIRST_MEMBERS = 15 -- KEYS index of the first segment's member set
 local now = tonumber(ARGV[1])
 local window = tonumber(ARGV[2])
 local dedupe_max = tonumber(ARGV[3])
 local viewed_max = tonumber(ARGV[4])
 local stream_max = ARGV[5]
 local new_for = tonumber(ARGV[6])
-local profile_id, anonymous_id, user_id, session_id = ARGV[7], ARGV[8], ARGV[9], ARGV[10]
+local transitions_max = ARGV[7]
+local profile_id, anonymous_id, user_id, session_id = ARGV[8], ARGV[9], ARGV[10], ARGV[11]
+local plan = nil
+local FIRST_EVENT = 12
+
+local HOUR = 3600000            -- the width of a window bucket, ms
+local LAST_TIME = 253402300799999 -- 9999-12-31T23:59:59.999Z: later deadlines are none
 
 -- Lua's tostring would print large integers in exponent form.
 local function int(n)
@@ -46,19 +64,33 @@ local function hmget(key, fields)
   end
   return values
 end
+local function hdel(key, fields)
+  for i = 1, #fields, CHUNK do
+    redis.call('HDEL', key, unpack(fields, i, math.min(i + CHUNK - 1, #fields)))
+  end
+end
 
----------------------------------------------------------------- checks, no writes
+---------------------------------------------------------------- read and check, no writes
 
 local expected = {
   [P] = 'hash', [TRAITS] = 'hash', [COUNTS] = 'hash', [IDS] = 'set', [VIEWED] = 'zset',
   [CAT_VIEWED] = 'zset', [CAT_BOUGHT] = 'zset', [CART] = 'hash', [DEDUPE] = 'zset',
   [STREAM] = 'stream',
 }
-for _, key in ipairs(KEYS) do
+if plan then
+  expected[WINDOWS], expected[SEGMENTS] = 'hash', 'hash'
+  expected[TRANSITIONS], expected[DEADLINES] = 'stream', 'zset'
+end
+local function wrong_type(key, want)
   local t = redis.call('TYPE', key)['ok']
-  if t ~= 'none' and t ~= expected[key] then
-    return corrupt(key, '-', 'is a ' .. t .. ', expected a ' .. expected[key])
+  if t ~= 'none' and t ~= want then
+    return corrupt(key, '-', 'is a ' .. t .. ', expected a ' .. want)
   end
+end
+for i = 1, FIRST_MEMBERS - 1 do
+  local want = expected[KEYS[i]]
+  local err = want and wrong_type(KEYS[i], want)
+  if err then return err end
 end
 
 local PURPOSES = { 'necessary', 'analytics', 'personalization', 'marketing' }
@@ -66,7 +98,10 @@ local numeric = { 'first_seen', 'last_seen', 'events', 'page_views', 'sessions',
   'revenue', 'email_opens', 'email_clicks', 'last_order_at', 'last_engaged_at',
   'cart_updated_at' }
 for _, purpose in ipairs(PURPOSES) do numeric[#numeric + 1] = 'consent:' .. purpose .. ':at' end
-local stored = redis.call('HMGET', P, unpack(numeric))
+local fields = { unpack(numeric) }
+fields[#fields + 1] = 'last_session_id'
+for _, purpose in ipairs(PURPOSES) do fields[#fields + 1] = 'consent:' .. purpose end
+local stored = redis.call('HMGET', P, unpack(fields))
 local cur = {}
 for i, field in ipairs(numeric) do
   local v = stored[i]
@@ -77,33 +112,46 @@ for i, field in ipairs(numeric) do
     cur[field] = tonumber(v)
   end
 end
+local last_session_id = stored[#numeric + 1]
+local answered = {} -- purpose -> stored status (false: none)
+for i, purpose in ipairs(PURPOSES) do answered[purpose] = stored[#numeric + 1 + i] end
 
 local events, names, seen_names, cart_products = {}, {}, {}, {}
-for i = 11, #ARGV do
+local function read_count(n)
+  if not seen_names[n] then
+    seen_names[n] = true
+    names[#names + 1] = n
+  end
+end
+for i = FIRST_EVENT, #ARGV do
   local ok, e = pcall(cjson.decode, ARGV[i])
   if not ok or type(e) ~= 'table' then
-    return redis.error_reply('ERR apply.lua: event ' .. (i - 10) .. ' is not a JSON object')
+    return redis.error_reply('ERR apply.lua: event ' .. (i - FIRST_EVENT + 1) .. ' is not a JSON object')
   end
   events[#events + 1] = e
-  if not seen_names[e.count] then
-    seen_names[e.count] = true
-    names[#names + 1] = e.count
-  end
+  read_count(e.count)
   if e.kind == 'cart_add' or e.kind == 'cart_remove' then
     for _, it in ipairs(e.items or {}) do cart_products[#cart_products + 1] = it.product end
   end
 end
+if plan then
+  for _, n in ipairs(plan.counts) do read_count(n) end
+end
 
+local counted = {} -- counts field -> stored count
 local counts_now = hmget(COUNTS, names)
-for i, name in ipairs(names) do
+for i, n in ipairs(names) do
   local v = counts_now[i]
-  if v and not string.match(v, '^%d+$') then
-    return corrupt(COUNTS, name, string.format('%q is not a count', v))
+  if v then
+    if not string.match(v, '^%d+$') then
+      return corrupt(COUNTS, n, string.format('%q is not a count', v))
+    end
+    counted[n] = tonumber(v)
   end
 end
 
 -- Only the lines this call changes are read; profile reads report any other bad line.
-local cart = {}
+local cart, had_line = {}, {}
 local lines = hmget(CART, cart_products)
 for i, product in ipairs(cart_products) do
   local raw = lines[i]
@@ -115,15 +163,67 @@ for i, product in ipairs(cart_products) do
     end
     if type(line.category) ~= 'string' then line.category = nil end
     cart[product] = line
+    had_line[product] = true
   end
 end
 
----------------------------------------------------------------- apply
+-- What the segments read beyond the profile hash and counts.
+local trait_now = {}      -- trait -> stored text (false: unset)
+local cart_len = 0        -- stored cart lines
+local wins = {}           -- event -> category (false: any) -> window {tail, buckets, added}
+local stale = {}          -- bucket fields that count in no window any more
+local cutoff              -- the latest hour whose bucket counts in no window
+local entered = {}        -- segment -> stored entered-at
+if plan then
+  if #plan.traits > 0 then
+    local v = hmget(TRAITS, plan.traits)
+    for i, t in ipairs(plan.traits) do trait_now[t] = v[i] end
+  end
+  if plan.cart then cart_len = redis.call('HLEN', CART) end
+  -- Bucket h counts in a window of k hours until (h + k) hours, so once the longest window
+  -- has passed it counts nowhere (segments.rs, "Windowed event counts").
+  cutoff = math.floor(now / HOUR) - plan.retention
+  if #plan.windows > 0 then
+    local by_tail = {}
+    for _, w in ipairs(plan.windows) do
+      w.buckets, w.added = {}, {} -- hour -> events; of which applied now
+      by_tail[w.tail] = w
+      wins[w.event] = wins[w.event] or {}
+      wins[w.event][w.category or false] = w
+    end
+    local raw = redis.call('HGETALL', WINDOWS)
+    for i = 1, #raw, 2 do
+      local field, n = raw[i], raw[i + 1]
+      local hour, tail = string.match(field, '^%[(%-?%d+)(,.+)$')
+      if not hour then
+        return corrupt(WINDOWS, field, 'is not a bucket [hour,"event","category"]')
+      end
+      if not string.match(n, '^%d+$') then
+        return corrupt(WINDOWS, field, string.format('%q is not a count', n))
+      end
+      hour = tonumber(hour)
+      if hour <= cutoff then
+        stale[#stale + 1] = field
+      elseif by_tail[tail] then
+        by_tail[tail].buckets[hour] = tonumber(n)
+      end
+    end
+  end
+  local raw = redis.call('HGETALL', SEGMENTS)
+  for i = 1, #raw, 2 do
+    if not string.match(raw[i + 1], '^%-?%d+$') then
+      return corrupt(SEGMENTS, raw[i], string.format('%q is not a time', raw[i + 1]))
+    end
+    entered[raw[i]] = tonumber(raw[i + 1])
+  end
+end
 
--- Forget message ids received before the window.
-redis.call('ZREMRANGEBYSCORE', DEDUPE, '-inf', '(' .. int(now - window))
+---------------------------------------------------------------- compute, no writes
 
+-- Message ids received before the window are forgotten (the write phase removes them).
+local oldest_kept = now - window
 local applied, duplicates = 0, 0
+local fresh, in_batch = {}, {}       -- the events applied now, in order; their ids
 local first_seen, last_seen = cur.first_seen, cur.last_seen
 local incr, latest = {}, {}           -- profile hash: counters; times that keep the latest
 local counts, cat_viewed, cat_bought, viewed, traits = {}, {}, {}, {}, {}
@@ -145,13 +245,39 @@ local function answer(purpose, status, ts)
     consent[purpose] = status
   end
 end
+-- An event counts once in its name's window and once in each distinct category of its items.
+local function bump(w, hour)
+  w.buckets[hour] = (w.buckets[hour] or 0) + 1
+  w.added[hour] = (w.added[hour] or 0) + 1
+end
+local function count_in_windows(e)
+  local by_category = wins[e.count]
+  if not by_category then return end
+  local hour = math.floor(e.ts / HOUR)
+  if hour <= cutoff then return end
+  if by_category[false] then bump(by_category[false], hour) end
+  local items = e.items or {}
+  for i = 1, #items do
+    local c = items[i].category
+    local w = c and by_category[c]
+    if w then
+      local first = true
+      for j = 1, i - 1 do
+        if items[j].category == c then first = false end
+      end
+      if first then bump(w, hour) end
+    end
+  end
+end
 
 for _, e in ipairs(events) do
-  if redis.call('ZSCORE', DEDUPE, e.id) then
+  local score = redis.call('ZSCORE', DEDUPE, e.id)
+  if in_batch[e.id] or (score and tonumber(score) >= oldest_kept) then
     duplicates = duplicates + 1
   else
     applied = applied + 1
-    redis.call('ZADD', DEDUPE, int(e.received), e.id)
+    fresh[#fresh + 1] = e
+    in_batch[e.id] = true
     local ts, kind = e.ts, e.kind
     if not first_seen or ts < first_seen then first_seen = ts end
     if not last_seen or ts > last_seen then last_seen = ts end
@@ -200,20 +326,164 @@ for _, e in ipairs(events) do
       for _, purpose in ipairs(e.granted or {}) do answer(purpose, 'granted', ts) end
       for _, purpose in ipairs(e.denied or {}) do answer(purpose, 'denied', ts) end
     end
-    redis.call('XADD', STREAM, 'MAXLEN', '~', stream_max, '*',
-      'profile', profile_id, 'kind', kind, 'event', e.event)
+    if plan then count_in_windows(e) end
   end
 end
 
 if applied == 0 then
+  redis.call('ZREMRANGEBYSCORE', DEDUPE, '-inf', '(' .. int(oldest_kept))
   return { 0, duplicates }
+end
+local new_session = session_id ~= '' and last_session_id ~= session_id
+
+-- Segments: each one's membership at `now` in the profile as it will be written, and the
+-- profile's next deadline. The deadline is a safe bound, not always the exact one of
+-- segments.rs: a leaf test gets its exact next change, and a tree combines its children's
+-- ("Deadlines" in segments.rs), so the deadline may come early, never late.
+local moves, deadline = {}, nil
+if plan then
+  local times = {
+    first_seen = first_seen,
+    last_seen = last_seen,
+    last_order_at = latest.last_order_at or cur.last_order_at,
+    last_engaged_at = latest.last_engaged_at or cur.last_engaged_at,
+    cart_updated_at = latest.cart_updated_at or cur.cart_updated_at,
+  }
+  local function metric(field)
+    if field == 'sessions' then return (cur.sessions or 0) + (new_session and 1 or 0) end
+    return (cur[field] or 0) + (incr[field] or 0)
+  end
+  local function trait(t)
+    if traits[t] then return traits[t] end
+    return trait_now[t]
+  end
+  local lines_after = cart_cleared and 0 or cart_len
+  for product in pairs(cart_changed) do
+    local was, is = had_line[product] and not cart_cleared, cart[product].quantity > 0
+    if was and not is then lines_after = lines_after - 1 end
+    if is and not was then lines_after = lines_after + 1 end
+  end
+  local function in_range(n, node)
+    return (node.min == nil or n >= node.min) and (node.max == nil or n <= node.max)
+  end
+  local function earliest(a, b)
+    if a == nil or (b ~= nil and b < a) then return b end
+    return a
+  end
+  local hours = {} -- window -> its bucket hours, ascending
+  local function hours_of(w)
+    if not hours[w] then
+      local hs = {}
+      for h in pairs(w.buckets) do hs[#hs + 1] = h end
+      table.sort(hs)
+      hours[w] = hs
+    end
+    return hours[w]
+  end
+
+  -- Whether the condition holds at `now`, and a time after `now` before which it cannot
+  -- change by time alone (nil: it never does).
+  local judge
+  judge = function(node)
+    local op = node.op
+    if op == 'all' or op == 'any' then
+      -- A child that holds decides `any` alone, one that fails decides `all`. When some
+      -- child decides, the result lasts until every deciding child has changed: at least
+      -- until the latest of their bounds. Otherwise it lasts until any child changes.
+      local deciding = op == 'any'
+      local decided, lasts, forever, changes = false, nil, false, nil
+      for _, child in ipairs(node.of) do
+        local v, b = judge(child)
+        if v == deciding then
+          decided = true
+          if b == nil then forever = true elseif lasts == nil or b > lasts then lasts = b end
+        else
+          changes = earliest(changes, b)
+        end
+      end
+      if decided then
+        if forever then return deciding, nil end
+        return deciding, lasts
+      end
+      return not deciding, changes
+    elseif op == 'not' then
+      local v, b = judge(node.of)
+      return not v, b
+    elseif op == 'metric' then
+      return in_range(metric(node.field), node), nil
+    elseif op == 'count' then
+      return in_range((counted[node.event] or 0) + (counts[node.event] or 0), node), nil
+    elseif op == 'window_count' then
+      -- Bucket h leaves a window of k hours at (h + k) hours: the count only falls, so its
+      -- next change is exact.
+      local w = wins[node.event][node.category or false]
+      local hs, k, sum = hours_of(w), node.hours, 0
+      for _, h in ipairs(hs) do
+        if (h + k) * HOUR > now then sum = sum + w.buckets[h] end
+      end
+      local holds = in_range(sum, node)
+      for _, h in ipairs(hs) do
+        local leaves = (h + k) * HOUR
+        if leaves > now then
+          sum = sum - w.buckets[h]
+          if in_range(sum, node) ~= holds then return holds, leaves end
+        end
+      end
+      return holds, nil
+    elseif op == 'trait_in' then
+      local v = trait(node.name)
+      for _, value in ipairs(node.values) do
+        if v == value then return true, nil end
+      end
+      return false, nil
+    elseif op == 'trait_exists' then
+      return trait(node.name) and true or false, nil
+    elseif op == 'within' or op == 'older_than' then
+      local t = times[node.field]
+      if not t then return false, nil end
+      local at = t + node.ms
+      local before = now < at -- within holds before `at`, older_than from `at` on
+      if op == 'within' then return before, before and at or nil end
+      return not before, before and at or nil
+    elseif op == 'cart_not_empty' then
+      return lines_after > 0, nil
+    elseif op == 'no_order_since' then
+      local since, order = times[node.field], times.last_order_at
+      return since ~= nil and (order == nil or order < since), nil
+    elseif op == 'consent_granted' then
+      local status = consent[node.purpose] or answered[node.purpose]
+      return node.purpose == 'necessary' or status == 'granted', nil
+    end
+    error('apply.lua: unknown segment condition ' .. tostring(op))
+  end
+
+  for i, s in ipairs(plan.segments) do
+    local member, bound = judge(s.condition)
+    deadline = earliest(deadline, bound)
+    if member ~= (entered[s.name] ~= nil) then
+      local key = KEYS[FIRST_MEMBERS + i - 1]
+      local err = wrong_type(key, 'zset')
+      if err then return err end
+      moves[#moves + 1] = { segment = s.name, members = key, enter = member }
+    end
+  end
+  if deadline and deadline > LAST_TIME then deadline = nil end
+end
+
+---------------------------------------------------------------- write
+
+redis.call('ZREMRANGEBYSCORE', DEDUPE, '-inf', '(' .. int(oldest_kept))
+for _, e in ipairs(fresh) do
+  redis.call('ZADD', DEDUPE, int(e.received), e.id)
+  redis.call('XADD', STREAM, 'MAXLEN', '~', stream_max, '*',
+    'profile', profile_id, 'kind', e.kind, 'event', e.event)
 end
 
 for field, n in pairs(incr) do redis.call('HINCRBY', P, field, int(n)) end
-for name, n in pairs(counts) do redis.call('HINCRBY', COUNTS, name, int(n)) end
+for n, k in pairs(counts) do redis.call('HINCRBY', COUNTS, n, int(k)) end
 for category, n in pairs(cat_viewed) do redis.call('ZINCRBY', CAT_VIEWED, int(n), category) end
 for category, n in pairs(cat_bought) do redis.call('ZINCRBY', CAT_BOUGHT, int(n), category) end
-for name, text in pairs(traits) do redis.call('HSET', TRAITS, name, text) end
+for t, text in pairs(traits) do redis.call('HSET', TRAITS, t, text) end
 
 local set = { 'id', profile_id, 'first_seen', int(first_seen), 'last_seen', int(last_seen),
   'lifecycle', (now - first_seen < new_for) and 'new' or 'active' }
@@ -225,7 +495,7 @@ for field, ts in pairs(latest) do put(field, int(ts)) end
 for purpose, status in pairs(consent) do put('consent:' .. purpose, status) end
 if currency then put('currency', currency) end
 if user_id ~= '' then put('user_id', user_id) end
-if session_id ~= '' and redis.call('HGET', P, 'last_session_id') ~= session_id then
+if new_session then
   redis.call('HINCRBY', P, 'sessions', 1)
   put('last_session_id', session_id)
 end
@@ -254,5 +524,31 @@ end
 
 local kept = redis.call('ZCARD', DEDUPE)
 if kept > dedupe_max then redis.call('ZREMRANGEBYRANK', DEDUPE, 0, kept - dedupe_max - 1) end
+
+if plan then
+  for _, w in ipairs(plan.windows) do
+    for hour, n in pairs(w.added) do
+      redis.call('HINCRBY', WINDOWS, '[' .. int(hour) .. w.tail, int(n))
+    end
+  end
+  hdel(WINDOWS, stale)
+  for _, m in ipairs(moves) do
+    if m.enter then
+      redis.call('HSET', SEGMENTS, m.segment, int(now))
+      redis.call('ZADD', m.members, int(now), profile_id)
+    else
+      redis.call('HDEL', SEGMENTS, m.segment)
+      redis.call('ZREM', m.members, profile_id)
+    end
+    redis.call('XADD', TRANSITIONS, 'MAXLEN', '~', transitions_max, '*', 'profile', profile_id,
+      'segment', m.segment, 'change', m.enter and 'enter' or 'exit', 'at', int(now),
+      'reason', 'event')
+  end
+  if deadline then
+    redis.call('ZADD', DEADLINES, int(deadline), profile_id)
+  else
+    redis.call('ZREM', DEADLINES, profile_id)
+  end
+end
 
 return { applied, duplicates }

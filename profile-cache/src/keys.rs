@@ -13,6 +13,11 @@ pub const SCHEMA_VERSION: &str = "1";
 pub const SCHEMA_VERSION_KEY: &str = "meta:schema_version";
 /// Stream key of the raw event log: one entry per applied event.
 pub const EVENT_STREAM: &str = "stream:events";
+/// Stream key of segment transitions: one entry per profile entering or leaving a segment.
+pub const TRANSITION_STREAM: &str = "stream:transitions";
+/// Sorted set: profile id scored by its next deadline (Unix ms), the earliest time one of
+/// its segment memberships may change without a new event.
+pub const DEADLINES: &str = "schedule:deadlines";
 
 /// Hash of a profile's scalars: ids, times, counters, consent.
 pub fn profile(id: &ProfileId) -> String {
@@ -59,6 +64,39 @@ pub fn dedupe(id: &ProfileId) -> String {
     format!("profile:{{{id}}}:dedupe")
 }
 
+/// Hash: windowed event counts, one field per hourly bucket of an (event, category) pair
+/// that a segment counts ([`window_field`]) to the number of events in it.
+pub fn windows(id: &ProfileId) -> String {
+    format!("profile:{{{id}}}:windows")
+}
+
+/// Hash: the name of each segment the profile is in to when it entered (Unix ms).
+pub fn segments(id: &ProfileId) -> String {
+    format!("profile:{{{id}}}:segments")
+}
+
+/// Sorted set: the profile ids in segment `name`, scored by when they entered (Unix ms).
+/// Segment names are lowercase letters, digits, `_` and `-`, so the name is the hash tag.
+pub fn segment_members(name: &str) -> String {
+    format!("segment:{{{name}}}:members")
+}
+
+/// The field of the [`windows`] bucket of `hour` (Unix ms / 3,600,000, rounded down): the
+/// JSON array `[hour,"event"]`, or `[hour,"event","category"]` for events with an item in
+/// that category.
+pub fn window_field(hour: i64, event: &str, category: Option<&str>) -> String {
+    format!("[{hour}{}", window_field_tail(event, category))
+}
+
+/// What follows the hour in a [`window_field`]: `,"event"]` or `,"event","category"]`.
+pub(crate) fn window_field_tail(event: &str, category: Option<&str>) -> String {
+    let json = |s: &str| serde_json::Value::from(s).to_string();
+    match category {
+        None => format!(",{}]", json(event)),
+        Some(category) => format!(",{},{}]", json(event), json(category)),
+    }
+}
+
 /// The keys of one profile, in the order the apply script receives them as `KEYS`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProfileKeys {
@@ -80,6 +118,10 @@ pub struct ProfileKeys {
     pub cart: String,
     /// [`dedupe`]
     pub dedupe: String,
+    /// [`windows`]
+    pub windows: String,
+    /// [`segments`]
+    pub segments: String,
 }
 
 impl ProfileKeys {
@@ -95,11 +137,13 @@ impl ProfileKeys {
             cat_bought: cat_bought(id),
             cart: cart(id),
             dedupe: dedupe(id),
+            windows: windows(id),
+            segments: segments(id),
         }
     }
 
     /// All keys, `profile` first, in the script's `KEYS` order.
-    pub fn all(&self) -> [&str; 9] {
+    pub fn all(&self) -> [&str; 11] {
         [
             &self.profile,
             &self.traits,
@@ -110,6 +154,8 @@ impl ProfileKeys {
             &self.cat_bought,
             &self.cart,
             &self.dedupe,
+            &self.windows,
+            &self.segments,
         ]
     }
 }
@@ -133,9 +179,30 @@ mod tests {
                 "profile:{u:alice}:cat_bought",
                 "profile:{u:alice}:cart",
                 "profile:{u:alice}:dedupe",
+                "profile:{u:alice}:windows",
+                "profile:{u:alice}:segments",
             ]
         );
         let anon = ProfileId::anonymous("7f3a").unwrap();
         assert_eq!(cart(&anon), "profile:{a:7f3a}:cart");
+        assert_eq!(
+            segment_members("cart_abandoners_30m"),
+            "segment:{cart_abandoners_30m}:members"
+        );
+    }
+
+    #[test]
+    fn window_fields_are_json_arrays() {
+        assert_eq!(
+            window_field(493_512, "product_viewed", Some("shoes/men")),
+            r#"[493512,"product_viewed","shoes/men"]"#
+        );
+        assert_eq!(
+            window_field(-1, "Signed \"Up\"", None),
+            r#"[-1,"Signed \"Up\""]"#
+        );
+        let parsed: (i64, String, String) =
+            serde_json::from_str(&window_field(7, "a", Some("b"))).unwrap();
+        assert_eq!(parsed, (7, "a".into(), "b".into()));
     }
 }

@@ -2,14 +2,15 @@
 //!
 //! The collector hands it [`ProfileUpdate`]s (the events of one batch for one profile); it
 //! applies each atomically and idempotently in one Redis round trip, appends the events to a
-//! capped stream, and reads profiles back for the API and for ESP connectors. It knows
-//! nothing of HTTP or FlatBuffers.
+//! capped stream, re-evaluates the profile's segments in the same call (memberships,
+//! transitions stream, next deadline), and reads profiles back for the API and for ESP
+//! connectors. It knows nothing of HTTP or FlatBuffers.
 //!
 //! - [`model`]: domain types (events, consent, profile ids, profiles).
 //! - [`keys`]: the Redis key schema, a public contract for connectors that read Redis.
 //! - [`store`]: [`RedisProfiles`], applying updates and reading profiles, and its config.
-//! - `script` (private): the apply script `apply.lua`, its arguments, and the event stream
-//!   entry it writes.
+//! - `script` (private): the apply script `apply.lua` with the segments written in, its
+//!   arguments, and the event stream entry it writes.
 //! - [`lifecycle`]: lifecycle stage thresholds and the stage of a profile at a time.
 //! - [`segments`]: segment definitions, their checks, the compiled form and the reference
 //!   (from-scratch) evaluator with deadlines.
@@ -27,7 +28,7 @@ pub mod testing;
 pub use lifecycle::LifecycleThresholds;
 pub use model::{
     ApplyReport, CartLine, ConsentChange, ConsentMask, ConsentState, ConsentStatus, Context, Event,
-    EventKind, IdError, Item, Lifecycle, Profile, ProfileId, ProfileUpdate, Purpose, Value,
-    ViewedProduct,
+    EventKind, IdError, Item, Lifecycle, Profile, ProfileId, ProfileUpdate, Purpose,
+    SegmentMembership, Value, ViewedProduct,
 };
 pub use store::{ConfigError, ProfileConfig, RedisProfiles, StoreError};

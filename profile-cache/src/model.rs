@@ -465,4 +465,16 @@ pub struct Profile {
     pub lifecycle: Lifecycle,
     /// Consent answers by purpose.
     pub consent: BTreeMap<Purpose, ConsentState>,
+    /// The segments the profile is in, by name, as of its last evaluation.
+    pub segments: Vec<SegmentMembership>,
+}
+
+/// A segment the profile is in.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SegmentMembership {
+    /// The segment's name.
+    pub name: String,
+    /// When the profile entered it.
+    #[serde(with = "time::serde::rfc3339")]
+    pub entered_at: OffsetDateTime,
 }

@@ -1,15 +1,23 @@
-//! The Rust side of `apply.lua`: the `KEYS` and `ARGV` of one profile update, the JSON each
-//! event travels in, and the event stream entry (a public format, see docs/KEY_SCHEMA.md).
+//! The Rust side of `apply.lua`: the script with the configured segments written in, the
+//! `KEYS` and `ARGV` of one profile update, the JSON each event travels in, and the event
+//! stream entry (a public format, see docs/KEY_SCHEMA.md).
+
+use std::collections::BTreeSet;
+use std::fmt::Write as _;
 
 use serde::{Serialize, Serializer};
 use time::OffsetDateTime;
 
-use crate::keys::{EVENT_STREAM, ProfileKeys};
+use crate::keys::{self, DEADLINES, EVENT_STREAM, ProfileKeys, TRANSITION_STREAM};
 use crate::model::{ConsentMask, Event, EventKind, Item, ProfileUpdate, Purpose, Value};
+use crate::segments::{Predicate, Segment};
 use crate::store::ProfileConfig;
 
-/// The script's source.
-pub(crate) const SOURCE: &str = include_str!("apply.lua");
+/// The script's source, without segments.
+const SOURCE: &str = include_str!("apply.lua");
+
+/// The line of [`SOURCE`] that [`ScriptSegments`] replaces.
+const PLAN_LINE: &str = "local plan = nil\n";
 
 /// Integers travel as JSON numbers, which the script's cjson decodes as doubles: exact up to
 /// 2^53. Times are far below; money beyond it (90 trillion in minor units) can only come from
@@ -26,12 +34,189 @@ pub(crate) fn millis(t: OffsetDateTime) -> i64 {
     (t.unix_timestamp_nanos() / 1_000_000) as i64
 }
 
-/// The `EVALSHA` of one update: keys, settings and one JSON argument per event.
+/// The apply script for a set of segments, built once per store: the segments are written
+/// into its text as a Lua table (`local plan = {...}`), so that no call sends or decodes
+/// them; a call only names their member sets among its keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct ScriptSegments {
+    /// The script's source.
+    pub(crate) source: String,
+    /// `segment:{name}:members` of each segment, in the order of the plan's `segments`: the
+    /// script's `KEYS` after the fixed ones.
+    pub(crate) member_keys: Vec<String>,
+}
+
+/// The plan: each segment's name and condition, and what the conditions read, so that the
+/// script reads nothing else (see `apply.lua`).
+#[derive(Serialize)]
+struct Plan<'a> {
+    segments: Vec<Named<'a>>,
+    /// The windowed (event, category) pairs.
+    windows: Vec<Window<'a>>,
+    /// Hours of window buckets to keep: the longest window.
+    retention: i64,
+    /// The `counts` fields that `count` conditions read.
+    counts: BTreeSet<&'a str>,
+    /// The traits that trait conditions read.
+    traits: BTreeSet<&'a str>,
+    /// Whether a condition reads the cart.
+    cart: bool,
+}
+
+#[derive(Serialize)]
+struct Named<'a> {
+    name: &'a str,
+    condition: &'a Predicate,
+}
+
+#[derive(Serialize)]
+struct Window<'a> {
+    event: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    category: Option<&'a str>,
+    /// What follows the hour in the pair's bucket fields ([`keys::window_field`]).
+    tail: String,
+}
+
+impl ScriptSegments {
+    /// The script for `segments`.
+    ///
+    /// # Errors
+    /// A segment cannot be serialized (not expected for these types).
+    pub(crate) fn new(segments: &[Segment]) -> Result<Self, serde_json::Error> {
+        if segments.is_empty() {
+            return Ok(Self {
+                source: SOURCE.into(),
+                member_keys: Vec::new(),
+            });
+        }
+        let mut plan = Plan {
+            segments: Vec::with_capacity(segments.len()),
+            windows: Vec::new(),
+            retention: 0,
+            counts: BTreeSet::new(),
+            traits: BTreeSet::new(),
+            cart: false,
+        };
+        let mut windows = BTreeSet::new();
+        for s in segments {
+            plan.segments.push(Named {
+                name: &s.name,
+                condition: &s.condition,
+            });
+            reads(&s.condition, &mut plan, &mut windows);
+        }
+        plan.windows = windows
+            .into_iter()
+            .map(|(event, category)| Window {
+                event,
+                category,
+                tail: keys::window_field_tail(event, category),
+            })
+            .collect();
+        let mut line = String::from("local plan = ");
+        lua(&serde_json::to_value(&plan)?, &mut line);
+        line.push('\n');
+        Ok(Self {
+            source: SOURCE.replacen(PLAN_LINE, &line, 1),
+            member_keys: segments
+                .iter()
+                .map(|s| keys::segment_members(&s.name))
+                .collect(),
+        })
+    }
+}
+
+/// Writes `value` as a Lua expression: arrays and objects as table constructors, strings
+/// with every byte but letters, digits and a few safe marks escaped as `\ddd`. The plan has
+/// no nulls and its numbers are integers below 2^53.
+fn lua(value: &serde_json::Value, out: &mut String) {
+    use serde_json::Value;
+    match value {
+        Value::Null => out.push_str("nil"),
+        Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
+        Value::Number(n) => out.push_str(&n.to_string()),
+        Value::String(s) => lua_string(s, out),
+        Value::Array(items) => {
+            out.push('{');
+            for item in items {
+                lua(item, out);
+                out.push(',');
+            }
+            out.push('}');
+        }
+        Value::Object(fields) => {
+            out.push('{');
+            for (key, item) in fields {
+                out.push('[');
+                lua_string(key, out);
+                out.push_str("]=");
+                lua(item, out);
+                out.push(',');
+            }
+            out.push('}');
+        }
+    }
+}
+
+fn lua_string(s: &str, out: &mut String) {
+    out.push('"');
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b" _-:,.".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            // Three digits, so that a digit after the escape cannot extend it.
+            let _ = write!(out, "\\{b:03}");
+        }
+    }
+    out.push('"');
+}
+
+/// Adds what `p` reads to `plan`, and its windowed pairs to `windows`.
+fn reads<'a>(
+    p: &'a Predicate,
+    plan: &mut Plan<'a>,
+    windows: &mut BTreeSet<(&'a str, Option<&'a str>)>,
+) {
+    match p {
+        Predicate::All { of } | Predicate::Any { of } => {
+            for c in of {
+                reads(c, plan, windows);
+            }
+        }
+        Predicate::Not { of } => reads(of, plan, windows),
+        Predicate::Count { event, .. } => {
+            plan.counts.insert(event);
+        }
+        Predicate::WindowCount {
+            event,
+            category,
+            hours,
+            ..
+        } => {
+            windows.insert((event, category.as_deref()));
+            plan.retention = plan.retention.max(*hours);
+        }
+        Predicate::TraitIn { name, .. } | Predicate::TraitExists { name } => {
+            plan.traits.insert(name);
+        }
+        Predicate::CartNotEmpty => plan.cart = true,
+        Predicate::Metric { .. }
+        | Predicate::Within { .. }
+        | Predicate::OlderThan { .. }
+        | Predicate::NoOrderSince { .. }
+        | Predicate::ConsentGranted { .. } => {}
+    }
+}
+
+/// The `EVALSHA` of one update: keys (the segments' member sets last), settings and one
+/// JSON argument per event.
 ///
 /// # Errors
 /// An event cannot be serialized (not expected for these types).
 pub(crate) fn invocation<'s>(
     script: &'s redis::Script,
+    member_keys: &[String],
     update: &ProfileUpdate,
     config: &ProfileConfig,
 ) -> Result<redis::ScriptInvocation<'s>, serde_json::Error> {
@@ -39,7 +224,10 @@ pub(crate) fn invocation<'s>(
     for key in ProfileKeys::new(&update.profile).all() {
         inv.key(key);
     }
-    inv.key(EVENT_STREAM);
+    inv.key(EVENT_STREAM).key(TRANSITION_STREAM).key(DEADLINES);
+    for key in member_keys {
+        inv.key(key);
+    }
     // The update's clock: dedupe ages and the lifecycle at write are measured from the last
     // time the collector received one of its events, so replays behave like the original.
     let now = update
@@ -54,6 +242,7 @@ pub(crate) fn invocation<'s>(
         .arg(config.recently_viewed_max)
         .arg(config.event_stream_max_len)
         .arg(duration_millis(config.lifecycle.new_for))
+        .arg(config.transition_stream_max_len)
         .arg(update.profile.as_str())
         .arg(update.anonymous_id.as_deref().unwrap_or(""))
         .arg(update.user_id.as_deref().unwrap_or(""))
@@ -325,6 +514,74 @@ mod tests {
         let u = update(vec![e]);
         let text = script_event(&u, &context_json(&u), &u.events[0]).unwrap();
         serde_json::from_str(&text).unwrap()
+    }
+
+    #[test]
+    fn segments_are_written_into_the_script_with_what_they_read() {
+        let tables = [
+            serde_json::json!({"name": "a", "description": "not written", "condition": {"all": [
+                {"cart": "not_empty"},
+                {"trait": {"name": "plan", "equals": "pro"}},
+                {"event_count": {"event": "Signed Up", "at_least": 1}},
+                {"event_count": {"event": "product_viewed", "category": "shoes", "within": "24h", "at_least": 3}},
+            ]}}),
+            serde_json::json!({"name": "b", "condition": {"any": [
+                {"event_count": {"event": "product_viewed", "category": "shoes", "within": "2d", "at_least": 1}},
+                {"event_count": {"event": "email_clicked", "within": "1h", "at_most": 0}},
+            ]}}),
+        ];
+        let segments = crate::segments::compile(&tables, &Default::default()).unwrap();
+        let s = ScriptSegments::new(&segments).unwrap();
+        assert_eq!(
+            s.member_keys,
+            ["segment:{a}:members", "segment:{b}:members"]
+        );
+        assert_eq!(SOURCE.matches(PLAN_LINE).count(), 1);
+        let (head, tail) = SOURCE.split_once(PLAN_LINE).unwrap();
+        let line = s
+            .source
+            .strip_prefix(head)
+            .unwrap()
+            .strip_suffix(tail)
+            .unwrap();
+        let q = |s: &str| {
+            s.replace('"', "\\034")
+                .replace('[', "\\091")
+                .replace(']', "\\093")
+        };
+        assert_eq!(
+            line,
+            [
+                r#"local plan = {["cart"]=true,["counts"]={"Signed Up",},"#,
+                r#"["retention"]=48,["segments"]={{["condition"]={["of"]={"#,
+                r#"{["op"]="cart_not_empty",},"#,
+                r#"{["name"]="plan",["op"]="trait_in",["values"]={"pro",},},"#,
+                r#"{["event"]="Signed Up",["min"]=1,["op"]="count",},"#,
+                r#"{["category"]="shoes",["event"]="product_viewed",["hours"]=24,["min"]=3,["op"]="window_count",},"#,
+                r#"},["op"]="all",},["name"]="a",},{["condition"]={["of"]={"#,
+                r#"{["category"]="shoes",["event"]="product_viewed",["hours"]=48,["min"]=1,["op"]="window_count",},"#,
+                r#"{["event"]="email_clicked",["hours"]=1,["max"]=0,["op"]="window_count",},"#,
+                r#"},["op"]="any",},["name"]="b",},},["traits"]={"plan",},["windows"]={"#,
+                &format!(
+                    r#"{{["event"]="email_clicked",["tail"]="{}",}},"#,
+                    q(r#","email_clicked"]"#)
+                ),
+                &format!(
+                    r#"{{["category"]="shoes",["event"]="product_viewed",["tail"]="{}",}},"#,
+                    q(r#","product_viewed","shoes"]"#)
+                ),
+                "},}\n",
+            ]
+            .concat()
+        );
+        assert_eq!(ScriptSegments::new(&[]).unwrap().source, SOURCE);
+    }
+
+    #[test]
+    fn lua_strings_escape_every_byte_that_could_end_them() {
+        let mut out = String::new();
+        lua_string("a\"b\\c]]\n1é", &mut out);
+        assert_eq!(out, r#""a\034b\092c\093\093\0101\195\169""#);
     }
 
     #[test]

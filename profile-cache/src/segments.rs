@@ -76,8 +76,9 @@
 //!
 //! # The compiled form
 //!
-//! A [`Segment`] holds a [`Predicate`]: plain data that the evaluator here, and later the
-//! apply script, walk. As JSON (`serde_json`) every node is an object whose `op` names it:
+//! A [`Segment`] holds a [`Predicate`]: plain data that the evaluator here and the apply
+//! script (`apply.lua`, which gets it written into its text as a Lua table when the store
+//! is built) walk. As JSON (`serde_json`) every node is an object whose `op` names it:
 //!
 //! ```json
 //! {"name":"cart_abandoners_30m","description":"...","condition":{"op":"all","of":[
@@ -136,7 +137,10 @@
 //! earlier than the latest deadline among its false children, and perhaps later, since a
 //! child may turn true and back before another turns; likewise `any` that is true. That
 //! bound is safe for a scheduler (it wakes up early, finds no change, and asks again) but not
-//! exact, so the evaluator does not use it. A deadline beyond the year 9999 is `None`.
+//! exact, so the evaluator does not use it. The apply script does, with each test's own next
+//! change as the leaves, since listing and re-evaluating a windowed count's up to 168
+//! instants in Lua would cost every update; for the segments of `segments.demo.toml` the
+//! bound is the exact deadline. A deadline beyond the year 9999 is `None`.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -505,7 +509,7 @@ fn lines(errors: &[SegmentError]) -> String {
 
 // ------------------------------------------------------------------ the compiled form
 
-/// A checked segment, ready to evaluate; serializable to JSON for the apply script.
+/// A checked segment, ready to evaluate; serializable to JSON.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Segment {
     /// The segment's name.

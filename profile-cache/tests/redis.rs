@@ -256,6 +256,7 @@ async fn a_shopping_session_yields_exact_profile_values() {
             (Purpose::Marketing, consent(ConsentStatus::Denied)),
         ]
         .into(),
+        segments: vec![],
     };
     assert_eq!(profile(&store, &anon()).await, expected);
 

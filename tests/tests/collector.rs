@@ -9,7 +9,7 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use reqwest::blocking::{Client, Response};
 use serde_json::{Value, json};
-use support::{Ingest, ORIGIN, RedisServer, TOKEN, WRITE_KEY};
+use support::{Ingest, ORIGIN, RedisServer, TOKEN, WRITE_KEY, redis_json};
 
 fn client() -> Client {
     Client::builder()
@@ -377,4 +377,161 @@ fn a_batch_in_flight_at_sigterm_is_finished_and_applied() {
     let mut reply = [0u8; 16];
     let n = redis_conn.read(&mut reply).unwrap();
     assert_eq!(&reply[..n], b"$1\r\n1\r\n");
+}
+
+/// The demo segments file, by absolute path.
+fn demo_segments() -> String {
+    format!(
+        "segments_file = {:?}\n",
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../profile-cache/segments.demo.toml"
+        )
+    )
+}
+
+/// `(segment, change, at)` of each `stream:transitions` entry of `profile`, in order.
+fn transitions(redis: &RedisServer, profile: &str) -> Vec<(String, String, i64)> {
+    let entries = redis_json(
+        redis.port(),
+        "return cjson.encode(redis.call('XRANGE', 'stream:transitions', '-', '+'))",
+    );
+    let mut found = Vec::new();
+    for entry in entries.as_array().unwrap() {
+        let fields: Vec<&str> = entry[1]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f.as_str().unwrap())
+            .collect();
+        let [
+            "profile",
+            p,
+            "segment",
+            segment,
+            "change",
+            change,
+            "at",
+            at,
+            "reason",
+            "event",
+        ] = fields[..]
+        else {
+            panic!("unexpected transition {fields:?}");
+        };
+        if p == profile {
+            found.push((segment.to_string(), change.to_string(), at.parse().unwrap()));
+        }
+    }
+    found
+}
+
+#[test]
+fn an_abandoned_cart_enters_the_segment_and_the_transition_is_on_the_stream() {
+    let redis = RedisServer::start().unwrap();
+    let ingest = Ingest::start_with(&redis.url(), &demo_segments());
+    // The visitor filled the cart 40 minutes before the batch was sent (a tab left open):
+    // the collector dates the event 40 minutes before it received it.
+    let mut add = ev(1, wire::EventKind::CartAdd);
+    add.timestamp_ms -= 40 * 60_000;
+    add.items = vec![item("sku-1", "shoes", 5_000, 1)];
+    let before = now_ms();
+    let (status, _) = json(post(&ingest, wire::encode(&batch("visitor-7", vec![add]))));
+    assert_eq!(status, StatusCode::OK);
+    let after = now_ms();
+
+    let entered = transitions(&redis, "a:visitor-7");
+    let names: Vec<(&str, &str)> = entered
+        .iter()
+        .map(|(s, c, _)| (s.as_str(), c.as_str()))
+        .collect();
+    assert_eq!(
+        names,
+        [("cart_abandoners_30m", "enter"), ("lifecycle_new", "enter")]
+    );
+    let at = entered[0].2;
+    assert!(
+        (before..=after).contains(&at),
+        "{before} <= {at} <= {after}"
+    );
+    let (_, p) = profile(&ingest, "visitor-7");
+    assert_eq!(p["segments"][0]["name"], "cart_abandoners_30m");
+    let entered_at = p["segments"][0]["entered_at"].as_str().unwrap().to_string();
+    assert!(entered_at.starts_with("20"), "{entered_at}");
+
+    // The order takes the visitor out; a retry of it changes nothing more.
+    let mut order = ev(2, wire::EventKind::OrderCompleted);
+    order.items = vec![item("sku-1", "shoes", 5_000, 1)];
+    let bytes = wire::encode(&batch("visitor-7", vec![order]));
+    for _ in 0..2 {
+        let (status, body) = json(post(&ingest, bytes.clone()));
+        assert_eq!(
+            (status, body["accepted"].as_u64()),
+            (StatusCode::OK, Some(1))
+        );
+    }
+    let changes: Vec<(String, String)> = transitions(&redis, "a:visitor-7")
+        .into_iter()
+        .map(|(s, c, _)| (s, c))
+        .collect();
+    let pairs: Vec<(&str, &str)> = changes
+        .iter()
+        .map(|(s, c)| (s.as_str(), c.as_str()))
+        .collect();
+    assert_eq!(
+        pairs,
+        [
+            ("cart_abandoners_30m", "enter"),
+            ("lifecycle_new", "enter"),
+            // One update's changes come in the order of the definitions.
+            ("recent_buyers", "enter"),
+            ("cart_abandoners_30m", "exit"),
+        ]
+    );
+    let (_, p) = profile(&ingest, "visitor-7");
+    let listed: Vec<&str> = p["segments"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, ["lifecycle_new", "recent_buyers"]);
+}
+
+#[test]
+fn bad_segment_definitions_stop_the_collector_with_every_problem_listed() {
+    let mut config = tempfile::NamedTempFile::new().unwrap();
+    std::io::Write::write_all(
+        &mut config,
+        br#"
+listen = "127.0.0.1:0"
+[[segments]]
+name = "cart_abandoners"
+condition = { all = [
+  { cart = "not_empty" },
+  { older_than = { field = "cart_updated_at", duration = "30x" } },
+] }
+[[segments]]
+name = "loyal"
+condition = { metric = { field = "orders" } }
+"#,
+    )
+    .unwrap();
+    let out = support::ingest_command()
+        .arg("--config")
+        .arg(config.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let expected = concat!(
+        "error: configuration: segments: 2 problems in the segment definitions:\n",
+        r#"  segment "cart_abandoners": condition.all[1].older_than.duration: "30x" is not a duration"#,
+    );
+    assert!(stderr.contains(expected), "{stderr}");
+    assert!(
+        stderr
+            .contains("\n  segment \"loyal\": condition.metric: needs at_least, at_most or both\n"),
+        "{stderr}"
+    );
 }

@@ -37,6 +37,10 @@ struct Args {
     /// updates, then the profile store's script), without HTTP.
     #[arg(long, value_name = "REDIS_URL")]
     store: Option<String>,
+    /// With `--store`: evaluate the segments of this TOML file (`[[segments]]` tables, as
+    /// the collector's `segments_file`) on every update.
+    #[arg(long, value_name = "FILE", requires = "store")]
+    segments: Option<std::path::PathBuf>,
     /// The write key put in every batch.
     #[arg(long, default_value = "demo")]
     write_key: String,
@@ -104,7 +108,7 @@ async fn run(args: Args) -> anyhow::Result<stats::Summary> {
             .await
             .context("raw redis mode")
     } else if let Some(redis_url) = &args.store {
-        store::run(redis_url, batches, concurrency)
+        store::run(redis_url, args.segments.as_deref(), batches, concurrency)
             .await
             .context("store mode")
     } else {
@@ -890,6 +894,8 @@ mod store {
     //! collector does. Set against raw mode, it prices the script; against the collector,
     //! it prices HTTP and decoding.
 
+    use std::path::Path;
+
     use anyhow::Context as _;
     use profile_cache::{ProfileConfig, RedisProfiles};
     use time::OffsetDateTime;
@@ -897,18 +903,26 @@ mod store {
 
     use crate::stats::Summary;
 
-    /// Applies every batch and reports.
+    /// Applies every batch, evaluating the segments of `segments` if given, and reports.
     ///
     /// # Errors
-    /// Redis cannot be reached.
+    /// The segments do not check, or Redis cannot be reached.
     pub async fn run(
         url: &str,
+        segments: Option<&Path>,
         batches: Vec<Batch>,
         concurrency: usize,
     ) -> anyhow::Result<Summary> {
+        let config = ingest::Config {
+            segments_file: segments.map(Into::into),
+            ..ingest::Config::default()
+        };
+        let segments = config.segments()?;
         let store = RedisProfiles::connect(url, ProfileConfig::default())
             .await
-            .with_context(|| format!("connecting to {url}"))?;
+            .with_context(|| format!("connecting to {url}"))?
+            .with_segments(&segments)
+            .await?;
         eprintln!("loadgen: applying {} batches to {url}", batches.len());
         crate::stats::drive(
             batches,

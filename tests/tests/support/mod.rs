@@ -41,6 +41,29 @@ pub fn ingest_command() -> Command {
     cmd
 }
 
+/// Runs a Lua script that returns a string (`cjson.encode(...)`) on the Redis at `port`,
+/// and parses that string as JSON: a way to read any reply without a Redis client.
+pub fn redis_json(port: u16, script: &str) -> serde_json::Value {
+    use std::io::{BufRead, BufReader, Read};
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to redis");
+    let args = ["EVAL", script, "0"];
+    let mut request = format!("*{}\r\n", args.len());
+    for a in args {
+        request.push_str(&format!("${}\r\n{a}\r\n", a.len()));
+    }
+    conn.write_all(request.as_bytes()).unwrap();
+    let mut reader = BufReader::new(conn);
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    let len: usize = match line.trim_end().strip_prefix('$') {
+        Some(len) => len.parse().unwrap(),
+        None => panic!("redis answered {line:?}"),
+    };
+    let mut body = vec![0; len];
+    reader.read_exact(&mut body).unwrap();
+    serde_json::from_slice(&body).unwrap()
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
