@@ -17,12 +17,15 @@
   var due = 1 / 0;
   var timer;
   var now;
-  var PURPOSES = ['necessary', 'analytics', 'personalization', 'marketing'];
+  var current;
+  var PURPOSES = 'necessary analytics personalization marketing'.split(' ');
   // Index = the event kind's wire value (4, consent_change, cannot be remapped).
-  var KINDS = ['page', 'track', 'identify', 'alias', '-', 'product_viewed', 'cart_add',
-    'cart_remove', 'checkout_started', 'order_completed'];
-  var UTM = ['utm_source', 'utm_medium', 'utm_campaign', 'utm_term', 'utm_content'];
-  var GCM = ['analytics_storage', 'personalization_storage', 'ad_user_data', 'ad_personalization'];
+  var KINDS = ('page track identify alias - product_viewed cart_add cart_remove checkout_started ' +
+    'order_completed').split(' ');
+  var UTM = 'source medium campaign term content'.split(' ');
+  var GCM = 'analytics_storage personalization_storage ad_user_data ad_personalization'.split(' ');
+  var own = {}.hasOwnProperty;
+  var double = new DataView(new ArrayBuffer(8));
 
   function warn(problem) {
     if (!seen[problem]) {
@@ -30,6 +33,9 @@
       try { console.warn('pz: ' + problem); } catch (e) { /* no console */ }
     }
   }
+
+  // A problem with the arguments of the call being made.
+  function bad(problem) { warn(current + ': ' + problem); }
 
   function isString(v) { return typeof v == 'string'; }
 
@@ -40,12 +46,13 @@
   function num(x) {
     if (typeof x != 'number' || x != x) return '';
     if (x % 1 == 0 && Math.abs(x) < 9e15) return '' + x;
-    var v = new DataView(new ArrayBuffer(8));
-    v.setFloat64(0, x);
-    return 'h' + [0, 4].map(function (i) {
-      return ('0000000' + v.getUint32(i).toString(16)).slice(-8);
-    }).join('');
+    double.setFloat64(0, x);
+    return 'h' + hex(0) + hex(2) + hex(4) + hex(6);
   }
+
+  // The 4 hex digits of 16 of its bits: adding 2^16 makes a leading 1 that keeps the zeros,
+  // and keeps the number small (a larger one is converted by a slower path).
+  function hex(i) { return (double.getUint16(i) + 65536).toString(16).slice(1); }
 
   // An id the collector accepts (1-256 UTF-8 bytes, no braces or control characters), from
   // a string or a whole number; undefined otherwise.
@@ -57,10 +64,12 @@
     } catch (e) { /* lone surrogate */ }
   }
 
-  // Events wait here until a zero-delay timer hands them to Rust, so recording and
-  // encoding never run inside the page's call; any other message (the page going away
-  // included) hands them over first, in order.
+  // Events wait here until a microtask hands them to Rust, so recording and encoding never
+  // run inside the page's call; any other message (the page going away included) hands them
+  // over first, in order. A microtask, not a zero-delay timer: it runs as soon as the page's
+  // own code returns, and queueing one costs the call a fraction of what setting a timer does.
   var pending = [];
+  var resolved = Promise.resolve();
 
   function deliver(message) {
     try { schedule(W.m(message)); } catch (e) { /* a bug must not break the page */ }
@@ -70,13 +79,11 @@
     while (pending.length) deliver(pending.shift());
   }
 
-  function send(parts) {
-    if (!ready) return;
-    if (parts[0] == 'e') {
-      if (pending.push(parts.join('\x1f')) == 1) setTimeout(drain, 0);
-    } else {
+  // Any message but an event; its fields are the arguments.
+  function send() {
+    if (ready) {
       drain();
-      deliver(parts.join('\x1f'));
+      deliver([].join.call(arguments, '\x1f'));
     }
   }
 
@@ -85,72 +92,74 @@
     if (ms >= 0 && at < due) {
       clearTimeout(timer);
       due = at;
-      timer = setTimeout(function () { due = 1 / 0; send(['t']); }, ms);
+      timer = setTimeout(function () { due = 1 / 0; send('t'); }, ms);
     }
   }
 
-  function properties(o, call) {
+  function properties(o) {
     var out = [];
     if (o == null) return '';
-    if (typeof o != 'object') { warn(call + ': properties must be an object'); return ''; }
+    if (typeof o != 'object') { bad('properties must be an object'); return ''; }
     for (var k in o) {
-      if (!{}.hasOwnProperty.call(o, k) || o[k] == null) continue;
+      if (!own.call(o, k) || o[k] == null) continue;
       var v = o[k];
       var t = typeof v;
       if (t == 'string') v = 's\x1d' + text(v);
       else if (t == 'number' && isFinite(v)) v = 'n\x1d' + num(v);
-      else if (t == 'boolean') v = 'b\x1d' + (v ? 1 : 0);
-      else { warn(call + ': property values must be strings, finite numbers or booleans'); continue; }
-      if (out.length == 64) { warn(call + ': only the first 64 properties are kept'); break; }
+      else if (t == 'boolean') v = 'b\x1d' + +v;
+      else { bad('property values must be strings, finite numbers or booleans'); continue; }
+      if (out.length == 64) { bad('only the first 64 properties are kept'); break; }
       out.push(text(k) + '\x1d' + v);
     }
     return out.join('\x1e');
   }
 
-  function item(o, call) {
+  function item(o) {
     var p = o && id(o.productId);
-    if (!p) return warn(call + ': an item needs a productId (a string or a whole number)');
+    if (!p) return bad('an item needs a productId (a string or a whole number)');
     if (typeof o.price != 'number' || o.price % 1) {
-      return warn(call + ': item.price must be a whole number of minor units (cents)');
+      return bad('item.price must be a whole number of minor units (cents)');
     }
     if (o.quantity != null && !(o.quantity >= 1 && o.quantity % 1 == 0)) {
-      return warn(call + ': item.quantity must be a whole number of at least 1');
+      return bad('item.quantity must be a whole number of at least 1');
     }
     return [text(p), isString(o.category) ? text(o.category) : '', num(o.price),
       num(o.quantity || 1), isString(o.name) ? text(o.name) : ''].join('\x1d');
   }
 
-  function items(a, call) {
-    if (!Array.isArray(a)) { warn(call + ': items must be an array'); return ''; }
-    if (a.length > 100) warn(call + ': only the first 100 items are kept');
-    return a.slice(0, 100).map(function (i) { return item(i, call); }).filter(Boolean).join('\x1e');
+  function items(a) {
+    if (!Array.isArray(a)) { bad('items must be an array'); return ''; }
+    if (a.length > 100) bad('only the first 100 items are kept');
+    return a.slice(0, 100).map(item).filter(Boolean).join('\x1e');
   }
 
   // kind: the wire value of the event kind.
-  function event(kind, call, name, props, list, user, order, revenue, currency) {
-    if (name != null && !isString(name)) { warn(call + ': the name must be a string'); name = null; }
-    send(['e', kind, num(now), text(name), user || '', order || '', num(revenue), text(currency),
-      properties(props, call), list || '']);
+  function event(kind, name, props, list, user, order, revenue, currency) {
+    if (name != null && !isString(name)) { bad('the name must be a string'); name = null; }
+    if (pending.push(['e', kind, num(now), text(name), user || '', order || '', num(revenue), text(currency),
+      properties(props), list || ''].join('\x1f')) == 1) resolved.then(drain);
   }
 
-  function commerce(kind, call) {
+  function commerce(kind) {
     return function (i) {
-      var line = item(i, call);
-      if (line) event(kind, call, null, null, line);
+      var line = item(i);
+      if (line) event(kind, null, null, line);
     };
   }
 
   function location_() {
     var q;
     try { q = new URLSearchParams(w.location.search); } catch (e) { q = { get: function () {} }; }
-    send(['n', text(w.location.href)].concat(UTM.map(function (k) { return text(q.get(k)); })));
+    send.apply(0, ['n', text(w.location.href)].concat(UTM.map(function (k) {
+      return text(q.get('utm_' + k));
+    })));
   }
 
   var api = {
     init: function (o) {
-      if (ready) return warn('init: already initialised; later calls are ignored');
+      if (ready) return bad('already initialised; later calls are ignored');
       if (!o || !isString(o.writeKey) || !o.writeKey || !isString(o.endpoint) || !o.endpoint) {
-        return warn('init: needs {writeKey, endpoint}');
+        return bad('needs {writeKey, endpoint}');
       }
       var granted = 0;
       var denied = 0;
@@ -162,12 +171,12 @@
         var v = defaults[p];
         if (v === true || v == 'granted') granted |= 1 << i;
         else if (v === false || v == 'denied') denied |= 1 << i;
-        else if (v != null && v != 'pending') warn('init: consentDefaults values are true, false, "granted", "denied" or "pending"');
+        else if (v != null && v != 'pending') bad('consentDefaults values are true, false, "granted", "denied" or "pending"');
       });
       for (var k in purposes) {
         var i = KINDS.indexOf(k);
         var j = PURPOSES.indexOf(purposes[k]);
-        if (i < 0 || j < 0) warn('init: purposes maps event kinds (' + KINDS.join(', ') + ') to purposes (' + PURPOSES.join(', ') + ')');
+        if (i < 0 || j < 0) bad('purposes maps event kinds (' + KINDS.join(', ') + ') to purposes (' + PURPOSES.join(', ') + ')');
         else map[i] = j;
       }
       try { tz = Intl.DateTimeFormat().resolvedOptions().timeZone; } catch (e) { /* old browser */ }
@@ -177,69 +186,70 @@
         num(w.screen && w.screen.width), num(w.screen && w.screen.height)];
       for (var n = 0; n < 12; n++) fields.push(map[n] == null ? -1 : map[n]);
       ready = 1;
-      if (W.m(fields.join('\x1f')) < 0) { ready = 0; return warn('init: unusable settings'); }
+      if (W.m(fields.join('\x1f')) < 0) { ready = 0; return bad('unusable settings'); }
       location_();
       listen();
       consentSignals();
       early.splice(0).forEach(function (c) { call(c[0], c[1], c[2]); });
     },
-    page: function (name, props) { location_(); event(0, 'page', name, props); },
+    page: function (name, props) { location_(); event(0, name, props); },
     track: function (name, props) {
-      if (!isString(name) || !name) return warn('track: needs an event name (a string)');
-      event(1, 'track', name, props);
+      if (!isString(name) || !name) return bad('needs an event name (a string)');
+      event(1, name, props);
     },
     identify: function (user, traits) {
       user = id(user);
-      if (!user) return warn('identify: needs a user id (1-256 bytes, no braces or control characters)');
-      event(2, 'identify', null, traits, '', user);
+      if (!user) return bad('needs a user id (1-256 bytes, no braces or control characters)');
+      event(2, null, traits, '', user);
     },
     alias: function (user) {
       user = id(user);
-      if (!user) return warn('alias: needs the new id (1-256 bytes, no braces or control characters)');
-      event(3, 'alias', null, null, '', user);
+      if (!user) return bad('needs the new id (1-256 bytes, no braces or control characters)');
+      event(3, null, null, '', user);
     },
-    productViewed: commerce(5, 'productViewed'),
-    cartAdd: commerce(6, 'cartAdd'),
-    cartRemove: commerce(7, 'cartRemove'),
-    checkoutStarted: function (a) { event(8, 'checkoutStarted', null, null, items(a, 'checkoutStarted')); },
+    productViewed: commerce(5),
+    cartAdd: commerce(6),
+    cartRemove: commerce(7),
+    checkoutStarted: function (a) { event(8, null, null, items(a)); },
     orderCompleted: function (o) {
       var order = o && id(o.orderId);
-      if (!order) return warn('orderCompleted: needs {orderId, revenue, currency, items}');
+      if (!order) return bad('needs {orderId, revenue, currency, items}');
       if (typeof o.revenue != 'number' || o.revenue % 1) {
-        return warn('orderCompleted: revenue must be a whole number of minor units (cents)');
+        return bad('revenue must be a whole number of minor units (cents)');
       }
-      event(9, 'orderCompleted', null, null, o.items == null ? '' : items(o.items, 'orderCompleted'),
+      event(9, null, null, o.items == null ? '' : items(o.items),
         '', order, o.revenue, isString(o.currency) ? o.currency : '');
     },
     consent: function (o) {
       var granted = 0;
       var denied = 0;
-      if (!o || typeof o != 'object') return warn('consent: takes an object like {analytics: true}');
+      if (!o || typeof o != 'object') return bad('takes an object like {analytics: true}');
       PURPOSES.forEach(function (p, i) {
         if (o[p] === true) granted |= 1 << i;
         else if (o[p] === false) denied |= 1 << i;
-        else if (o[p] != null) warn('consent: values are true (granted) or false (denied)');
+        else if (o[p] != null) bad('values are true (granted) or false (denied)');
       });
-      send(['c', granted, denied]);
+      send('c', granted, denied);
     },
-    flush: function () { send(['f']); },
-    reset: function () { send(['r']); }
+    flush: function () { send('f'); },
+    reset: function () { send('r'); }
   };
 
   function call(name, args, ts) {
-    if (!{}.hasOwnProperty.call(api, name)) return warn('unknown call ' + text(name).slice(0, 40));
+    if (!own.call(api, name)) return warn('unknown call ' + text(name).slice(0, 40));
     if (!ready && name != 'init') return early.push([name, args, ts]);
     now = ts || Date.now();
-    try { api[name].apply(0, args || []); } catch (e) { warn(name + ': could not be recorded'); }
+    current = name;
+    try { api[name].apply(0, args); } catch (e) { warn(name + ': could not be recorded'); }
   }
 
   function listen() {
     function on(target, type, f) { target.addEventListener(type, f, true); }
-    on(d, 'visibilitychange', function () { send([d.visibilityState == 'hidden' ? 'h' : 'v']); });
-    on(w, 'pagehide', function () { send(['x']); });
-    on(w, 'pageshow', function (e) { if (e.persisted) send(['v']); });
-    on(w, 'popstate', function () { location_(); });
-    on(w, 'hashchange', function () { location_(); });
+    on(d, 'visibilitychange', function () { send(d.visibilityState == 'hidden' ? 'h' : 'v'); });
+    on(w, 'pagehide', function () { send('x'); });
+    on(w, 'pageshow', function (e) { if (e.persisted) send('v'); });
+    on(w, 'popstate', location_);
+    on(w, 'hashchange', location_);
     ['pushState', 'replaceState'].forEach(function (k) {
       var original = history[k];
       history[k] = function () {
@@ -251,9 +261,9 @@
     on(d, 'click', function (e) {
       var t = e.target;
       t = t && t.closest && t.closest('[data-track]');
-      if (t) send(['k', text(t.getAttribute('data-track'))]);
+      if (t) send('k', text(t.getAttribute('data-track')));
     });
-    on(w, 'storage', function (e) { if (e.key == 'pz_c') send(['s']); });
+    on(w, 'storage', function (e) { if (e.key == 'pz_c') send('s'); });
   }
 
   function consentSignals() {
@@ -265,7 +275,7 @@
             var bits = 0;
             var c = (t.purpose && t.purpose.consents) || {};
             for (var i = 1; i < 12; i++) if (c[i]) bits |= 1 << i;
-            send(['T', bits]);
+            send('T', bits);
           }
         });
       }
@@ -280,7 +290,7 @@
           if (a[2][k] == 'granted') granted |= 1 << i;
           if (a[2][k] == 'denied') denied |= 1 << i;
         });
-        send([a[1] == 'update' ? 'G' : 'g', granted, denied]);
+        send(a[1] == 'update' ? 'G' : 'g', granted, denied);
       }
     }
     for (var i = 0; i < layer.length; i++) command(layer[i]);
@@ -299,9 +309,9 @@
       }
       try {
         fetch(url, { method: 'POST', body: body, keepalive: body.length < 65000 }).then(function (r) {
-          if (n) send(['d', n, r.status, text(r.headers.get('Retry-After'))]);
+          if (n) send('d', n, r.status, text(r.headers.get('Retry-After')));
         }, function () {
-          if (n) send(['d', n, 0]);
+          if (n) send('d', n, 0);
         });
         return true;
       } catch (e) {
@@ -317,7 +327,8 @@
     var queued = pz.q || [];
     pz.q = { push: function (c) { call(c[0], c[1], c[2]); } };
     Object.keys(api).forEach(function (k) {
-      pz[k] = function () { call(k, [].slice.call(arguments)); };
+      // No method takes more than two arguments.
+      pz[k] = function (a, b) { call(k, [a, b]); };
     });
     // For tests and debugging: the tracker's state as a plain object (null before init).
     pz.debug = function () {
