@@ -9,7 +9,7 @@
 //! arrive again on every page). `necessary` is always granted.
 
 use alloc::string::String;
-use wire::{EventKind, Purpose};
+use wire::Purpose;
 
 use crate::text;
 
@@ -165,25 +165,6 @@ impl Consent {
         }
     }
 }
-
-/// The purpose called `name` in the API (`"analytics"`, ...).
-pub fn purpose_named(name: &str) -> Option<Purpose> {
-    PURPOSES.iter().find(|(n, _)| *n == name).map(|(_, p)| *p)
-}
-
-/// The kinds a site may map to another purpose with `init({purposes: {...}})`, by the names
-/// the profile counts use.
-pub const KIND_NAMES: [(&str, EventKind); 9] = [
-    ("page", EventKind::Page),
-    ("track", EventKind::Track),
-    ("identify", EventKind::Identify),
-    ("alias", EventKind::Alias),
-    ("product_viewed", EventKind::ProductViewed),
-    ("cart_add", EventKind::CartAdd),
-    ("cart_remove", EventKind::CartRemove),
-    ("checkout_started", EventKind::CheckoutStarted),
-    ("order_completed", EventKind::OrderCompleted),
-];
 
 #[cfg(test)]
 mod tests {
