@@ -22,6 +22,7 @@
   // Index = the event kind's wire value (4, consent_change, cannot be remapped).
   var KINDS = ('page track identify alias - product_viewed cart_add cart_remove checkout_started ' +
     'order_completed').split(' ');
+  var COUNTS = 'queued held inFlight dropped heldDropped consentDropped sent retries'.split(' ');
   var UTM = 'source medium campaign term content'.split(' ');
   var GCM = 'analytics_storage personalization_storage ad_user_data ad_personalization'.split(' ');
   var own = {}.hasOwnProperty;
@@ -332,8 +333,20 @@
     });
     // For tests and debugging: the tracker's state as a plain object (null before init).
     pz.debug = function () {
+      var o = null;
+      host.d = function (t) {
+        var f = t.split('\x1f');
+        var i = 0;
+        o = { consent: {}, persistent: f[8][4] == 1 };
+        COUNTS.forEach(function (k) { o[k] = +f[i++]; });
+        PURPOSES.forEach(function (p, j) {
+          o.consent[p] = { g: 'granted', d: 'denied', p: 'pending' }[f[8][j]];
+        });
+        'anonymousId userId sessionId lastError'.split(' ').forEach(function (k) { o[k] = f[++i] || null; });
+      };
       drain();
-      try { return JSON.parse(W.debug()); } catch (e) { return null; }
+      try { W.m('D'); } catch (e) { /* null */ }
+      return o;
     };
     // The visitor's ids, for the page (the demo's profile inspector): null until known.
     pz.anonymousId = function () { var d = pz.debug(); return d && d.anonymousId; };

@@ -6,15 +6,15 @@
 //! value can make the collector refuse a whole batch.
 
 use alloc::string::String;
-use alloc::vec::Vec;
 
-use wire::decode::{MAX_ITEMS, MAX_PROPERTIES, MAX_STRING_BYTES};
-use wire::{EventKind, Item, Property, Purpose, Value};
+use wire::decode::MAX_STRING_BYTES;
+use wire::encode::{ItemRef, ValueRef};
+use wire::{EventKind, Purpose};
 
 use crate::batch::Policy;
 use crate::consent::Update;
 use crate::session;
-use crate::text;
+use crate::{msg, text};
 
 /// The longest id (user, anonymous, product, order) the collector accepts, in bytes.
 pub const MAX_ID_BYTES: usize = 256;
@@ -109,17 +109,21 @@ impl Config {
 
 /// A non-empty string, cut to the collector's limit.
 pub fn string(s: &str) -> Option<String> {
-    let mut s = String::from(s);
-    text::truncate(&mut s, MAX_STRING_BYTES);
+    text(s).map(String::from)
+}
+
+/// A non-empty string, cut to the collector's limit, borrowed.
+pub fn text(s: &str) -> Option<&str> {
+    let s = text::clip(s, MAX_STRING_BYTES);
     (!s.is_empty()).then_some(s)
 }
 
 /// An id the collector accepts: 1 to 256 bytes without `{`, `}` or control characters.
-pub fn id(s: &str) -> Option<String> {
+pub fn id(s: &str) -> Option<&str> {
     let ok = !s.is_empty()
         && s.len() <= MAX_ID_BYTES
         && !s.chars().any(|c| c == '{' || c == '}' || c.is_control());
-    ok.then(|| s.into())
+    ok.then_some(s)
 }
 
 /// A whole number, if `n` is one that a double holds exactly.
@@ -132,53 +136,39 @@ pub fn int(n: f64) -> Option<i64> {
     (i as f64 == n).then_some(i)
 }
 
-/// A property from the loader: `kind` 0 a string (`s`), 1 a number (`n`: whole numbers
-/// become Int, others Float), 2 a boolean (`n` non-zero).
-pub fn property(key: &str, kind: u32, s: Option<&str>, n: f64) -> Option<Property> {
+/// A property from the loader: `key`, then `s` and a string, `n` and a number (whole
+/// numbers become Int, others Float), or `b` and `1` or `0`, separated by U+001D.
+pub fn property(field: &str) -> Option<(&str, ValueRef<'_>)> {
+    let [key, kind, value] = msg::split(field, 0x1d);
     let value = match kind {
-        0 => Value::String(string(s?).unwrap_or_default()),
-        1 if n.is_finite() => int(n).map_or(Value::Float(n), Value::Int),
-        2 => Value::Bool(n != 0.0),
+        "s" => ValueRef::String(text::clip(value, MAX_STRING_BYTES)),
+        "n" => {
+            let n = msg::number(value);
+            if !n.is_finite() {
+                return None;
+            }
+            int(n).map_or(ValueRef::Float(n), ValueRef::Int)
+        }
+        "b" => ValueRef::Bool(value == "1"),
         _ => return None,
     };
-    Some(Property {
-        key: string(key)?,
-        value,
-    })
+    Some((text(key)?, value))
 }
 
-/// An item from the loader; `None` without a valid product id. A quantity that is not a
-/// positive whole number becomes 1; a price that is not whole becomes 0.
-pub fn item(
-    product_id: &str,
-    category: Option<&str>,
-    price: f64,
-    quantity: f64,
-    name: Option<&str>,
-) -> Option<Item> {
-    Some(Item {
+/// An item from the loader: productId, category, price, quantity and name, separated by
+/// U+001D; `None` without a valid product id. A quantity that is not a positive whole
+/// number becomes 1; a price that is not whole becomes 0.
+pub fn item(field: &str) -> Option<ItemRef<'_>> {
+    let [product_id, category, price, quantity, name] = msg::split(field, 0x1d);
+    Some(ItemRef {
         product_id: id(product_id)?,
-        category: category.and_then(string),
-        price: int(price).unwrap_or(0),
-        quantity: int(quantity)
+        category: text(category),
+        price: int(msg::number(price)).unwrap_or(0),
+        quantity: int(msg::number(quantity))
             .filter(|q| *q > 0 && *q <= i64::from(u32::MAX))
             .unwrap_or(1) as u32,
-        name: name.and_then(string),
+        name: text(name),
     })
-}
-
-/// Adds `p` unless the event already has the most properties the collector takes.
-pub fn push_property(list: &mut Vec<Property>, p: Property) {
-    if list.len() < MAX_PROPERTIES {
-        list.push(p);
-    }
-}
-
-/// Adds `i` unless the event already has the most items the collector takes.
-pub fn push_item(list: &mut Vec<Item>, i: Item) {
-    if list.len() < MAX_ITEMS {
-        list.push(i);
-    }
 }
 
 #[cfg(test)]
@@ -187,53 +177,58 @@ mod tests {
 
     #[test]
     fn properties_are_typed() {
-        let value = |kind, s, n| property("k", kind, s, n).map(|p| p.value);
-        assert_eq!(value(0, Some("x"), 0.0), Some(Value::String("x".into())));
-        assert_eq!(value(1, None, 3.0), Some(Value::Int(3)));
-        assert_eq!(value(1, None, 3.5), Some(Value::Float(3.5)));
-        assert_eq!(value(1, None, 1e300), Some(Value::Float(1e300)));
-        assert_eq!(value(1, None, f64::NAN), None);
-        assert_eq!(value(2, None, 1.0), Some(Value::Bool(true)));
-        assert_eq!(value(7, None, 1.0), None);
-        assert_eq!(property("", 2, None, 1.0), None);
+        fn value(f: &str) -> Option<ValueRef<'_>> {
+            property(f).map(|p| p.1)
+        }
+        assert_eq!(value("k\u{1d}s\u{1d}x"), Some(ValueRef::String("x")));
+        assert_eq!(value("k\u{1d}n\u{1d}3"), Some(ValueRef::Int(3)));
+        assert_eq!(
+            value("k\u{1d}n\u{1d}h400c000000000000"),
+            Some(ValueRef::Float(3.5))
+        );
+        assert_eq!(value("k\u{1d}n\u{1d}"), None, "not a number");
+        assert_eq!(value("k\u{1d}b\u{1d}1"), Some(ValueRef::Bool(true)));
+        assert_eq!(value("k\u{1d}b\u{1d}0"), Some(ValueRef::Bool(false)));
+        assert_eq!(value("k\u{1d}x\u{1d}1"), None, "unknown type");
+        assert_eq!(property("\u{1d}b\u{1d}1"), None, "no key");
     }
 
     #[test]
     fn strings_are_cut_to_the_collector_limit() {
-        let p = property("k", 0, Some(&"€".repeat(400)), 0.0).unwrap();
-        assert!(matches!(&p.value, Value::String(s) if s.len() == 1023));
-        let mut list = Vec::new();
-        for _ in 0..70 {
-            push_property(&mut list, p.clone());
-        }
-        assert_eq!(list.len(), MAX_PROPERTIES);
+        let long = alloc::format!("k\u{1d}s\u{1d}{}", "€".repeat(400));
+        assert!(matches!(property(&long), Some((_, ValueRef::String(s))) if s.len() == 1023));
+        assert_eq!(
+            string(&"a".repeat(2000)).map(|s| s.len()),
+            Some(MAX_STRING_BYTES)
+        );
     }
 
     #[test]
     fn ids_follow_the_collector_rules() {
-        assert_eq!(id("u-1"), Some("u-1".into()));
+        assert_eq!(id("u-1"), Some("u-1"));
         assert_eq!(id(""), None);
         assert_eq!(id("a{b}"), None);
         assert_eq!(id("a\u{85}b"), None);
         assert_eq!(id(&"é".repeat(129)), None);
-        assert_eq!(id(&"é".repeat(128)), Some("é".repeat(128)));
+        let long = "é".repeat(128);
+        assert_eq!(id(&long), Some(long.as_str()));
     }
 
     #[test]
     fn items_need_a_product_id_and_get_sane_numbers() {
         assert_eq!(
-            item("sku-1", Some("shoes"), 1999.0, 2.0, Some("Runner")),
-            Some(Item {
-                product_id: "sku-1".into(),
-                category: Some("shoes".into()),
+            item("sku-1\u{1d}shoes\u{1d}1999\u{1d}2\u{1d}Runner"),
+            Some(ItemRef {
+                product_id: "sku-1",
+                category: Some("shoes"),
                 price: 1999,
                 quantity: 2,
-                name: Some("Runner".into())
+                name: Some("Runner")
             })
         );
-        let odd = item("sku-2", Some(""), 19.99, 0.0, None).unwrap();
+        let odd = item("sku-2\u{1d}\u{1d}h4033fd70a3d70a3d\u{1d}0").unwrap();
         assert_eq!((odd.category, odd.price, odd.quantity), (None, 0, 1));
-        assert_eq!(item("", None, 1.0, 1.0, None), None);
+        assert_eq!(item("\u{1d}\u{1d}1\u{1d}1"), None);
     }
 
     #[test]

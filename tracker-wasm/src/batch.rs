@@ -166,9 +166,9 @@ mod tests {
         let ctx = Rc::new(wire::encode::context(&context));
         let mut q = Queue::new(1000);
         for i in 0..7 {
-            q.push(Piece::new(&rich(i)), &ctx, 3, 2);
+            q.push(Piece::of(&rich(i)), &ctx, 3, 2);
         }
-        q.push(Piece::new(&rich(7)), &ctx, 1, 1);
+        q.push(Piece::of(&rich(7)), &ctx, 1, 1);
         let policy = Policy {
             max_events: 3,
             ..Policy::default()
@@ -191,7 +191,7 @@ mod tests {
         // A byte limit splits too, and every batch stays within it.
         let mut q = Queue::new(1000);
         for i in 0..4 {
-            q.push(Piece::new(&rich(i)), &ctx, 3, 2);
+            q.push(Piece::of(&rich(i)), &ctx, 3, 2);
         }
         let one = wire::encode::event(&rich(0)).len();
         let small = Policy {

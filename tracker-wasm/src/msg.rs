@@ -18,23 +18,68 @@
 //! | `d` answer | seq, HTTP status (0: network error), Retry-After |
 //! | `t` timer, `h` hidden, `v` visible, `x` pagehide, `s` consent changed in another tab, `f` flush, `r` reset | none |
 
-use alloc::string::String;
-use wire::{Event, EventKind};
+use alloc::vec::Vec;
+use wire::EventKind;
+use wire::decode::{MAX_ITEMS, MAX_PROPERTIES};
+use wire::encode::{EventRef, ItemRef, ValueRef};
 
 use crate::api::{self, Config};
 use crate::consent::Update;
 use crate::text;
 use crate::tracker::Signal;
 
-/// A parsed message.
+/// A parsed message, borrowing its text.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Msg {
+pub enum Msg<'a> {
     /// `pz.init` with valid settings.
     Init(Config),
     /// Anything for [`crate::Tracker::signal`].
-    Signal(Signal),
+    Signal(Signal<'a>),
     /// The answer to request `seq`: status and `Retry-After`.
-    Done(u32, u16, Option<String>),
+    Done(u32, u16, Option<&'a str>),
+}
+
+/// An event as the loader sends it: every field but the lists checked and borrowed, the
+/// lists still in message form, so nothing is copied before [`Ev::piece`] encodes it.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Ev<'a> {
+    /// The event without its lists (the tracker sets id, time and purpose).
+    pub head: EventRef<'a>,
+    /// Properties: `key` U+001D `s` / `n` / `b` U+001D value, U+001E between them.
+    pub properties: &'a str,
+    /// Items: productId, category, price, quantity, name separated by U+001D, U+001E
+    /// between them.
+    pub items: &'a str,
+}
+
+impl Ev<'_> {
+    /// The event encoded (`wire::encode::event_ref`), with the usable properties and items
+    /// up to the collector's limits.
+    pub fn piece(&self) -> Vec<u8> {
+        let mut properties = [("", ValueRef::Bool(false)); MAX_PROPERTIES];
+        let mut n = 0;
+        for p in text::fields(self.properties, 0x1e).filter_map(api::property) {
+            if n == MAX_PROPERTIES {
+                break;
+            }
+            properties[n] = p;
+            n += 1;
+        }
+        let mut items = [ItemRef::default(); MAX_ITEMS];
+        let mut m = 0;
+        for i in text::fields(self.items, 0x1e).filter_map(api::item) {
+            if m == MAX_ITEMS {
+                break;
+            }
+            items[m] = i;
+            m += 1;
+        }
+        wire::encode::event_ref(&EventRef {
+            properties: &properties[..n],
+            items: &items[..m],
+            ..self.head
+        })
+    }
 }
 
 /// A number field: a decimal integer or `h` + 16 hex digits of a double; NaN otherwise.
@@ -64,7 +109,8 @@ fn number_u(digits: Option<&str>) -> f64 {
         .map_or(f64::NAN, |n| n as f64)
 }
 
-fn opt(s: &str) -> Option<&str> {
+/// `None` for an empty field.
+pub fn opt(s: &str) -> Option<&str> {
     (!s.is_empty()).then_some(s)
 }
 
@@ -72,7 +118,7 @@ fn opt(s: &str) -> Option<&str> {
 const MAX_FIELDS: usize = 32;
 
 /// Splits `s` at `sep` into at most `N` fields; missing ones are empty.
-fn split<const N: usize>(s: &str, sep: u8) -> [&str; N] {
+pub fn split<const N: usize>(s: &str, sep: u8) -> [&str; N] {
     let mut out = [""; N];
     for (slot, f) in out.iter_mut().zip(text::fields(s, sep)) {
         *slot = f;
@@ -81,7 +127,7 @@ fn split<const N: usize>(s: &str, sep: u8) -> [&str; N] {
 }
 
 /// Parses one message; `None` when it is not one.
-pub fn parse(msg: &str) -> Option<Msg> {
+pub fn parse(msg: &str) -> Option<Msg<'_>> {
     let f: [&str; MAX_FIELDS] = split(msg, 0x1f);
     let n = |i: usize| number(f[i]);
     let bits = |i| {
@@ -92,7 +138,6 @@ pub fn parse(msg: &str) -> Option<Msg> {
             0
         }
     };
-    let text = |i: usize| opt(f[i]).map(String::from);
     let signal = match f[0].as_bytes() {
         b"i" => {
             let mut numbers = [f64::NAN; MAX_FIELDS - 6];
@@ -102,16 +147,19 @@ pub fn parse(msg: &str) -> Option<Msg> {
             let cfg = Config::new(f[1], f[2], f[3], opt(f[4]), opt(f[5]), &numbers)?;
             return Some(Msg::Init(cfg));
         }
-        b"d" => return Some(Msg::Done(n(1) as u32, n(2) as u16, text(3))),
+        b"d" => return Some(Msg::Done(n(1) as u32, n(2) as u16, opt(f[3]))),
         b"e" => Signal::Event(event(&f)?),
-        b"n" => Signal::Navigate(f[1].into(), [text(2), text(3), text(4), text(5), text(6)]),
+        b"n" => Signal::Navigate(
+            f[1],
+            [opt(f[2]), opt(f[3]), opt(f[4]), opt(f[5]), opt(f[6])],
+        ),
         b"c" => Signal::Consent(Update {
             grant: bits(1) as u8,
             deny: bits(2) as u8 & !(bits(1) as u8),
         }),
         b"T" => Signal::Tcf(bits(1)),
         [g @ (b'g' | b'G')] => Signal::Gcm(*g == b'G', bits(1) as u8, bits(2) as u8),
-        b"k" => Signal::Click(f[1].into()),
+        b"k" => Signal::Click(f[1]),
         b"t" => Signal::Tick,
         b"h" => Signal::Hidden,
         b"v" => Signal::Visible,
@@ -126,54 +174,39 @@ pub fn parse(msg: &str) -> Option<Msg> {
 
 /// An event from the page, checked; the tracker adds its id and purpose (and the time, when
 /// the page gave none: 0).
-fn event(f: &[&str; MAX_FIELDS]) -> Option<Event> {
-    let kind = EventKind::from_u8(number(f[1]) as u8)?;
-    let mut e = Event {
-        kind,
-        timestamp_ms: api::int(number(f[2])).filter(|t| *t > 0).unwrap_or(0),
-        name: api::string(f[3]),
-        user_id: api::id(f[4]),
-        order_id: api::id(f[5]),
-        revenue: api::int(number(f[6])).unwrap_or(0),
-        currency: api::string(f[7]),
-        ..Event::default()
-    };
-    for p in text::fields(f[8], 0x1e) {
-        let [key, kind, value] = split(p, 0x1d);
-        let kind = match kind {
-            "s" => 0,
-            "n" => 1,
-            "b" => 2,
-            _ => continue,
-        };
-        let num = if kind == 2 {
-            f64::from(u8::from(value == "1"))
-        } else {
-            number(value)
-        };
-        if let Some(p) = api::property(key, kind, Some(value), num) {
-            api::push_property(&mut e.properties, p);
-        }
-    }
-    for line in text::fields(f[9], 0x1e) {
-        let [id, category, price, quantity, name] = split(line, 0x1d);
-        if let Some(i) = api::item(
-            id,
-            opt(category),
-            number(price),
-            number(quantity),
-            opt(name),
-        ) {
-            api::push_item(&mut e.items, i);
-        }
-    }
-    Some(e)
+fn event<'a>(f: &[&'a str; MAX_FIELDS]) -> Option<Ev<'a>> {
+    Some(Ev {
+        head: EventRef {
+            kind: EventKind::from_u8(number(f[1]) as u8)?,
+            timestamp_ms: api::int(number(f[2])).filter(|t| *t > 0).unwrap_or(0),
+            name: api::text(f[3]),
+            user_id: api::id(f[4]),
+            order_id: api::id(f[5]),
+            revenue: api::int(number(f[6])).unwrap_or(0),
+            currency: api::text(f[7]),
+            ..EventRef::default()
+        },
+        properties: f[8],
+        items: f[9],
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use alloc::format;
+    use alloc::string::String;
     use wire::{Item, Property, Value};
+
+    /// What the collector reads from `ev`'s piece.
+    fn decoded(ev: &Ev<'_>) -> wire::Event {
+        let mut ev = *ev;
+        ev.head.message_id = [1; 16];
+        let ctx = wire::encode::context(&wire::Context::default());
+        let body = wire::encode::assemble("k", 1, 0, &ctx, [ev.piece().as_slice()].into_iter());
+        let mut batch = wire::decode(&body, &wire::Limits::default()).unwrap();
+        batch.events.remove(0)
+    }
 
     #[test]
     fn numbers_are_integers_or_double_bits() {
@@ -190,9 +223,10 @@ mod tests {
         let msg = "e\u{1f}9\u{1f}1700000000000\u{1f}\u{1f}\u{1f}o-1\u{1f}5998\u{1f}EUR\u{1f}\
                    coupon\u{1d}s\u{1d}SPRING\u{1e}gift\u{1d}b\u{1d}1\u{1e}rate\u{1d}n\u{1d}h3ff8000000000000\u{1f}\
                    sku-1\u{1d}shoes\u{1d}2999\u{1d}2\u{1d}Runner\u{1e}\u{1d}\u{1d}1\u{1d}1\u{1d}";
-        let Some(Msg::Signal(Signal::Event(e))) = parse(msg) else {
+        let Some(Msg::Signal(Signal::Event(ev))) = parse(msg) else {
             panic!("not an event");
         };
+        let e = decoded(&ev);
         assert_eq!(e.kind, EventKind::OrderCompleted);
         assert_eq!(e.timestamp_ms, 1_700_000_000_000);
         assert_eq!((e.name, e.user_id), (None, None));
@@ -224,29 +258,48 @@ mod tests {
     }
 
     #[test]
-    fn signals_and_answers_parse() {
-        let sig = |m: &str| match parse(m) {
-            Some(Msg::Signal(s)) => s,
-            other => panic!("{m:?}: {other:?}"),
+    fn lists_stop_at_the_collector_limits() {
+        let props: Vec<String> = (0..70).map(|i| format!("p{i}\u{1d}n\u{1d}{i}")).collect();
+        let items: Vec<String> = (0..120)
+            .map(|i| format!("sku-{i}\u{1d}\u{1d}1\u{1d}1\u{1d}"))
+            .collect();
+        let ev = Ev {
+            properties: &props.join("\u{1e}"),
+            items: &items.join("\u{1e}"),
+            ..Ev::default()
         };
+        let e = decoded(&ev);
+        assert_eq!(e.properties.len(), MAX_PROPERTIES);
+        assert_eq!(e.properties[63].key, "p63");
+        assert_eq!(e.items.len(), MAX_ITEMS);
+    }
+
+    #[test]
+    fn signals_and_answers_parse() {
+        fn sig(m: &str) -> Signal<'_> {
+            match parse(m) {
+                Some(Msg::Signal(s)) => s,
+                other => panic!("{m:?}: {other:?}"),
+            }
+        }
         assert_eq!(
             sig("c\u{1f}6\u{1f}10"),
             Signal::Consent(Update { grant: 6, deny: 8 })
         );
         assert_eq!(sig("G\u{1f}1\u{1f}4"), Signal::Gcm(true, 1, 4));
         assert_eq!(sig("T\u{1f}898"), Signal::Tcf(898));
-        assert_eq!(sig("k\u{1f}hero-cta"), Signal::Click("hero-cta".into()));
+        assert_eq!(sig("k\u{1f}hero-cta"), Signal::Click("hero-cta"));
         assert_eq!(
             sig("n\u{1f}https://shop.example/?utm_source=x\u{1f}x\u{1f}\u{1f}\u{1f}\u{1f}"),
             Signal::Navigate(
-                "https://shop.example/?utm_source=x".into(),
-                [Some("x".into()), None, None, None, None]
+                "https://shop.example/?utm_source=x",
+                [Some("x"), None, None, None, None]
             )
         );
         assert_eq!(sig("t"), Signal::Tick);
         assert_eq!(
             parse("d\u{1f}3\u{1f}503\u{1f}30"),
-            Some(Msg::Done(3, 503, Some("30".into())))
+            Some(Msg::Done(3, 503, Some("30")))
         );
         assert_eq!(parse("d\u{1f}3\u{1f}0\u{1f}"), Some(Msg::Done(3, 0, None)));
         assert_eq!(parse("?"), None);

@@ -6,8 +6,6 @@
 use alloc::rc::Rc;
 use alloc::vec::Vec;
 
-use wire::Event;
-
 /// One event, encoded as a piece of the batch it will join (`wire::encode::event`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Piece {
@@ -19,9 +17,10 @@ pub struct Piece {
     pub bytes: Vec<u8>,
 }
 
+#[cfg(test)]
 impl Piece {
     /// Encodes `ev`.
-    pub fn new(ev: &Event) -> Piece {
+    pub(crate) fn of(ev: &wire::Event) -> Piece {
         Piece {
             id: ev.message_id,
             ts: ev.timestamp_ms as f64,
@@ -234,10 +233,10 @@ mod tests {
     use wire::Context;
 
     fn ev(ts: i64) -> Piece {
-        Piece::new(&Event {
+        Piece::of(&wire::Event {
             message_id: [ts as u8; 16],
             timestamp_ms: ts,
-            ..Event::default()
+            ..wire::Event::default()
         })
     }
 

@@ -6,9 +6,10 @@
 //! objects through reflection, cost far more wasm and glue than the few lines of script
 //! they replace.
 //!
-//! Exports: `start(host, storage, crypto)`, `m(message)` (every API call and page event, as text: see
-//! [`msg`]) and `debug()`. A single text export needs far less glue than one export per
-//! call or reading JavaScript objects from Rust.
+//! Exports: `start(host, storage, crypto)` and `m(message)` (every API call and page event, as
+//! text: see [`msg`]; `D` asks for the state, which goes to `host.d`). A single text export
+//! needs far less glue than one export per call or reading JavaScript objects from Rust, and
+//! handing text to the host is cheaper than returning it.
 
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -51,6 +52,10 @@ extern "C" {
     /// Starts a POST (see [`Env::send`]).
     #[wasm_bindgen(method, js_name = s)]
     fn send(this: &Host, url: &str, body: &[u8], seq: u32) -> bool;
+
+    /// Takes the tracker's state for `pz.debug()` (see [`crate::tracker::Debug::encode`]).
+    #[wasm_bindgen(method, js_name = d)]
+    fn debug(this: &Host, state: &str);
 }
 
 /// The browser side of [`Env`].
@@ -147,6 +152,12 @@ pub fn m(message: &str) -> f64 {
     let (Some(browser), tracker) = &mut *state else {
         return NO_TICK;
     };
+    if message == "D" {
+        if let Some(t) = tracker {
+            browser.host.debug(&t.debug().encode());
+        }
+        return NO_TICK;
+    }
     match (msg::parse(message), tracker.as_mut()) {
         (Some(Msg::Init(cfg)), None) => {
             *tracker = Some(Tracker::new(cfg, browser));
@@ -154,20 +165,8 @@ pub fn m(message: &str) -> f64 {
         }
         (Some(Msg::Signal(s)), Some(t)) => t.signal(browser, s),
         (Some(Msg::Done(seq, status, retry_after)), Some(t)) => {
-            t.done(browser, seq, status, retry_after.as_deref())
+            t.done(browser, seq, status, retry_after)
         }
         _ => NO_TICK,
-    }
-}
-
-/// The tracker's state as JSON (see [`Tracker::debug`]); `null` before `init`.
-#[wasm_bindgen]
-pub fn debug() -> String {
-    match STATE.0.try_borrow() {
-        Ok(s) => {
-            s.1.as_ref()
-                .map_or_else(|| String::from("null"), Tracker::debug)
-        }
-        Err(_) => String::from("null"),
     }
 }

@@ -1,5 +1,5 @@
-//! Text helpers that do without `core::fmt`: decimal and hex digits, UUIDs, JSON string
-//! escaping, truncation at a character boundary, Latin-1 byte strings for localStorage.
+//! Text helpers that do without `core::fmt`: decimal and hex digits, UUIDs, truncation at a
+//! character boundary, Latin-1 byte strings for localStorage.
 //!
 //! `format!` and friends would pull the formatting machinery (about 5 KB gzip) into the
 //! shipped wasm, so everything the tracker writes as text goes through these.
@@ -117,35 +117,17 @@ pub fn uuid(mut b: [u8; 16]) -> String {
     s
 }
 
-/// Appends `v` as a JSON string literal.
-pub fn push_json_str(out: &mut String, v: &str) {
-    out.push('"');
-    for c in v.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => {
-                out.push_str("\\u00");
-                push_hex(out, &[c as u8]);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-}
-
-/// Shortens `s` to at most `max` bytes, cutting at a character boundary. Returns whether
-/// anything was cut.
-pub fn truncate(s: &mut String, max: usize) -> bool {
+/// `s` cut to at most `max` bytes, at a character boundary.
+pub fn clip(s: &str, max: usize) -> &str {
     if s.len() <= max {
-        return false;
+        return s;
     }
     let mut end = max;
     while !s.is_char_boundary(end) {
         end -= 1;
     }
-    s.truncate(end);
-    true
+    // `get`, not indexing: a str index's panic path brings in `core::fmt` (about 4 KB).
+    s.get(..end).unwrap_or_default()
 }
 
 /// Bytes as a string of the characters U+0000..U+00FF, one per byte: what localStorage
@@ -189,19 +171,10 @@ mod tests {
     }
 
     #[test]
-    fn json_strings_are_escaped() {
-        let mut s = String::new();
-        push_json_str(&mut s, "a\"b\\c\nd\u{1}é");
-        assert_eq!(s, "\"a\\\"b\\\\c\\u000ad\\u0001é\"");
-    }
-
-    #[test]
     fn truncation_keeps_whole_characters() {
-        let mut s = String::from("aé");
-        assert!(truncate(&mut s, 2));
-        assert_eq!(s, "a");
-        let mut s = String::from("abc");
-        assert!(!truncate(&mut s, 3));
+        assert_eq!(clip("aé", 2), "a");
+        assert_eq!(clip("abc", 3), "abc");
+        assert_eq!(clip("abc", 0), "");
     }
 
     #[test]

@@ -10,12 +10,13 @@ use alloc::rc::Rc;
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use wire::{Context, Event, EventKind, Property, Value};
+use wire::{Context, EventKind};
 
 use crate::api::{self, Config};
 use crate::backoff::{self, Backoff, Outcome};
 use crate::batch;
-use crate::consent::{self, ANALYTICS, Consent, Gate, NECESSARY, PERSONALIZATION, State, Update};
+use crate::consent::{ANALYTICS, Consent, Gate, NECESSARY, PERSONALIZATION, State, Update};
+use crate::msg::Ev;
 use crate::page::PageViews;
 use crate::persist::{self, Header, Storage};
 use crate::queue::{self, Ctx, Piece, Queue, Segment};
@@ -37,6 +38,11 @@ pub const BEACON_HOLD_MS: f64 = 60_000.0;
 pub const BEACON_BUDGET: usize = 60 * 1024;
 /// The name of the event that reports visible time on a page (property `engaged_ms`).
 pub const ENGAGED_EVENT: &str = "page_engaged";
+/// The `source` property of a consent change (in message form, see [`Ev`]): `pz.consent`,
+/// a TCF CMP, or Google Consent Mode.
+const FROM_API: &str = "source\u{1d}s\u{1d}api";
+const FROM_TCF: &str = "source\u{1d}s\u{1d}tcf";
+const FROM_GCM: &str = "source\u{1d}s\u{1d}gcm";
 
 /// What the tracker needs from the browser.
 pub trait Env: Storage {
@@ -51,13 +57,13 @@ pub trait Env: Storage {
     fn send(&mut self, url: &str, body: &[u8], seq: u32) -> bool;
 }
 
-/// A message from the loader.
+/// A message from the loader, borrowing its text.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Signal {
+pub enum Signal<'a> {
     /// The timer fired.
     Tick,
     /// An event from the page (without id and purpose; time 0: now).
-    Event(Event),
+    Event(Ev<'a>),
     /// `pz.consent(...)`: the visitor's decision.
     Consent(Update),
     /// `visibilitychange` to hidden.
@@ -68,9 +74,9 @@ pub enum Signal {
     PageHide,
     /// Start, `pushState`, `replaceState`, `popstate`, `hashchange` or `pz.page()`: the URL
     /// (`location.href`) and its UTM parameters, which may have changed.
-    Navigate(String, [Option<String>; 5]),
+    Navigate(&'a str, [Option<&'a str>; 5]),
     /// A click on an element with `data-track="<name>"`.
-    Click(String),
+    Click(&'a str),
     /// Another tab changed the stored consent decisions.
     ConsentSync,
     /// A TCF decision: bit `n` set when TCF purpose `n` has consent.
@@ -163,10 +169,10 @@ impl Tracker {
             cfg,
         };
         if t.consent.storage_allowed() {
-            if let Some(id) = env.get(persist::ANON_KEY).and_then(|s| api::id(&s)) {
+            if let Some(id) = env.get(persist::ANON_KEY).filter(|s| api::id(s).is_some()) {
                 t.anonymous_id = id;
             }
-            t.user_id = env.get(persist::USER_KEY).and_then(|s| api::id(&s));
+            t.user_id = env.get(persist::USER_KEY).filter(|s| api::id(s).is_some());
             t.sync_session(env);
             t.store_ids(env);
             t.adopt(env, now);
@@ -176,12 +182,12 @@ impl Tracker {
     }
 
     /// Handles a message from the loader.
-    pub fn signal(&mut self, env: &mut impl Env, signal: Signal) -> f64 {
+    pub fn signal(&mut self, env: &mut impl Env, signal: Signal<'_>) -> f64 {
         let now = env.now();
         match signal {
             Signal::Tick => return self.tick(env),
             Signal::Event(e) => self.api_event(env, e, now),
-            Signal::Consent(u) => self.apply_consent(env, u, true, "api", now),
+            Signal::Consent(u) => self.apply_consent(env, u, true, FROM_API, now),
             Signal::Hidden => self.hide(env, now, false),
             Signal::PageHide => self.hide(env, now, true),
             Signal::Visible => {
@@ -195,11 +201,11 @@ impl Tracker {
             Signal::Navigate(url, utm) => self.navigate(env, url, utm, now),
             Signal::Click(name) => {
                 if self.cfg.track_clicks
-                    && let Some(name) = api::string(&name)
+                    && let Some(name) = api::text(name)
                 {
                     let mut ev = self.event(env, EventKind::Track, now);
-                    ev.name = Some(name);
-                    self.record(ev);
+                    ev.head.name = Some(name);
+                    self.record(&ev);
                 }
             }
             Signal::ConsentSync => {
@@ -209,10 +215,10 @@ impl Tracker {
                 }
                 self.consent_moved(env, before, now);
             }
-            Signal::Tcf(bits) => self.apply_consent(env, signals::tcf(bits), true, "tcf", now),
+            Signal::Tcf(bits) => self.apply_consent(env, signals::tcf(bits), true, FROM_TCF, now),
             Signal::Gcm(update, granted, denied) => {
                 let u = self.gcm.command(granted, denied);
-                self.apply_consent(env, u, update, "gcm", now);
+                self.apply_consent(env, u, update, FROM_GCM, now);
             }
             Signal::Flush => self.forced = true,
             Signal::Reset => {
@@ -301,78 +307,52 @@ impl Tracker {
         self.next_tick(now)
     }
 
-    /// The state for tests and debugging, as a JSON object: `queued`, `held`, `inFlight`,
-    /// `dropped`, `heldDropped`, `consentDropped`, `sent`, `retries` (counts of events, but
-    /// `retries`: failed tries since the last success), `consent` (`{necessary: "granted",
-    /// ...}`), `persistent`, `anonymousId`, `userId`, `sessionId`, `lastError`.
-    pub fn debug(&self) -> String {
-        let in_flight: u32 = self
+    /// The state for tests and debugging (`pz.debug()`).
+    pub fn debug(&self) -> Debug<'_> {
+        let in_flight = self
             .queue
             .sealed
             .iter()
             .filter(|b| b.seq != 0)
             .map(|b| b.count)
             .sum();
-        let mut s = String::from("{");
-        for (key, n) in [
-            ("queued", self.queue.len() as u32),
-            ("held", held(&self.held) as u32),
-            ("inFlight", in_flight),
-            ("dropped", self.queue.dropped),
-            ("heldDropped", self.held_dropped),
-            ("consentDropped", self.consent_dropped),
-            ("sent", self.sent),
-            ("retries", self.backoff.attempts()),
-        ] {
-            text::push_json_str(&mut s, key);
-            s.push(':');
-            text::push_u64(&mut s, u64::from(n));
-            s.push(',');
+        let mut consent = [State::Pending; 4];
+        for (i, c) in consent.iter_mut().enumerate() {
+            *c = self.consent.state(1 << i);
         }
-        s.push_str("\"consent\":{");
-        for (i, (name, purpose)) in consent::PURPOSES.iter().enumerate() {
-            if i > 0 {
-                s.push(',');
-            }
-            text::push_json_str(&mut s, name);
-            s.push_str(match self.consent.state(1 << *purpose as u8) {
-                State::Granted => ":\"granted\"",
-                State::Denied => ":\"denied\"",
-                State::Pending => ":\"pending\"",
-            });
+        Debug {
+            counts: [
+                self.queue.len() as u32,
+                held(&self.held) as u32,
+                in_flight,
+                self.queue.dropped,
+                self.held_dropped,
+                self.consent_dropped,
+                self.sent,
+                self.backoff.attempts(),
+            ],
+            consent,
+            persistent: self.consent.storage_allowed(),
+            ids: [
+                &self.anonymous_id,
+                self.user_id.as_deref().unwrap_or(""),
+                &self.session.id,
+                &self.last_error,
+            ],
         }
-        s.push_str("},\"persistent\":");
-        s.push_str(if self.consent.storage_allowed() {
-            "true"
-        } else {
-            "false"
-        });
-        for (key, v) in [
-            ("anonymousId", Some(&self.anonymous_id)),
-            ("userId", self.user_id.as_ref()),
-            ("sessionId", Some(&self.session.id)),
-            ("lastError", Some(&self.last_error)),
-        ] {
-            s.push(',');
-            text::push_json_str(&mut s, key);
-            s.push(':');
-            match v {
-                Some(v) if !v.is_empty() => text::push_json_str(&mut s, v),
-                _ => s.push_str("null"),
-            }
-        }
-        s.push('}');
-        s
     }
 
-    fn api_event(&mut self, env: &mut impl Env, mut ev: Event, now: f64) {
-        let ts = if ev.timestamp_ms > 0 {
-            ev.timestamp_ms as f64
+    fn api_event(&mut self, env: &mut impl Env, ev: Ev<'_>, now: f64) {
+        // Declared before `ev`, which may borrow it (an alias's previous id).
+        let previous: String;
+        let mut ev = ev;
+        let ts = if ev.head.timestamp_ms > 0 {
+            ev.head.timestamp_ms as f64
         } else {
             now
         };
         self.stamp(env, &mut ev, ts);
-        match ev.kind {
+        match ev.head.kind {
             EventKind::Page => {
                 // The automatic view of this URL, while unsealed, takes the name and
                 // properties instead of a second view being counted.
@@ -381,9 +361,9 @@ impl Tracker {
                     for s in segments {
                         for view in s.events.iter_mut() {
                             if view.id == id {
-                                ev.message_id = id;
-                                ev.timestamp_ms = view.ts as i64;
-                                *view = Piece::new(&ev);
+                                ev.head.message_id = id;
+                                ev.head.timestamp_ms = view.ts as i64;
+                                view.bytes = ev.piece();
                                 return;
                             }
                         }
@@ -391,23 +371,23 @@ impl Tracker {
                 }
             }
             EventKind::Identify | EventKind::Alias => {
-                let Some(user) = ev.user_id.clone() else {
+                let Some(user) = ev.head.user_id else {
                     return;
                 };
-                let previous = self
+                previous = self
                     .user_id
-                    .replace(user)
+                    .replace(user.into())
                     .unwrap_or(self.anonymous_id.clone());
                 self.store_ids(env);
                 self.refresh_ctx();
-                if ev.kind == EventKind::Alias {
-                    ev.previous_id = Some(previous);
+                if ev.head.kind == EventKind::Alias {
+                    ev.head.previous_id = Some(&previous);
                 }
             }
             EventKind::ConsentChange => return,
             _ => {}
         }
-        self.record(ev);
+        self.record(&ev);
     }
 
     fn apply_consent(
@@ -436,13 +416,10 @@ impl Tracker {
         let optional = (before.granted() | self.consent.granted()) & !NECESSARY;
         if decided && optional != 0 {
             let mut ev = self.event(env, EventKind::ConsentChange, now);
-            ev.consent_granted = self.consent.granted();
-            ev.consent_denied = self.consent.denied();
-            ev.properties.push(Property {
-                key: "source".into(),
-                value: Value::String(source.into()),
-            });
-            self.record(ev);
+            ev.head.consent_granted = self.consent.granted();
+            ev.head.consent_denied = self.consent.denied();
+            ev.properties = source;
+            self.record(&ev);
         }
     }
 
@@ -484,7 +461,7 @@ impl Tracker {
         }
     }
 
-    fn navigate(&mut self, env: &mut impl Env, url: String, utm: [Option<String>; 5], now: f64) {
+    fn navigate(&mut self, env: &mut impl Env, url: &str, utm: [Option<&str>; 5], now: f64) {
         if url == self.url {
             return;
         }
@@ -493,18 +470,18 @@ impl Tracker {
             self.visible_since = Some(now);
         }
         self.report_engaged(env, now);
-        let previous = core::mem::replace(&mut self.url, url);
+        let previous = core::mem::replace(&mut self.url, url.into());
         if !previous.is_empty() {
             self.referrer = previous;
         }
         if utm.iter().any(Option::is_some) {
-            self.utm = utm;
+            self.utm = utm.map(|u| u.map(String::from));
         }
         self.refresh_ctx();
         if self.views.count(&self.url) {
             let ev = self.event(env, EventKind::Page, now);
-            self.last_view = Some(ev.message_id);
-            self.record(ev);
+            self.last_view = Some(ev.head.message_id);
+            self.record(&ev);
         }
     }
 
@@ -538,43 +515,52 @@ impl Tracker {
         let ms = self.engaged_ms as i64;
         self.engaged_ms = 0.0;
         if ms > 0 {
+            let mut props = String::from("engaged_ms\u{1d}n\u{1d}");
+            text::push_u64(&mut props, ms as u64);
             let mut ev = self.event(env, EventKind::Track, now);
-            ev.name = Some(ENGAGED_EVENT.into());
-            ev.properties.push(Property {
-                key: "engaged_ms".into(),
-                value: Value::Int(ms),
-            });
-            self.record(ev);
+            ev.head.name = Some(ENGAGED_EVENT);
+            ev.properties = &props;
+            self.record(&ev);
         }
     }
 
-    fn event(&mut self, env: &mut impl Env, kind: EventKind, ts: f64) -> Event {
-        let mut ev = Event {
-            kind,
-            ..Event::default()
-        };
+    fn event(&mut self, env: &mut impl Env, kind: EventKind, ts: f64) -> Ev<'static> {
+        let mut ev = Ev::default();
+        ev.head.kind = kind;
         self.stamp(env, &mut ev, ts);
         ev
     }
 
     /// Gives `ev` a new message id, the time `ts` and its kind's declared purpose.
-    fn stamp(&mut self, env: &mut impl Env, ev: &mut Event, ts: f64) {
-        env.random(&mut ev.message_id);
-        ev.message_id[6] |= 1; // never all zero
-        ev.timestamp_ms = ts as i64;
-        ev.purpose = self.cfg.purposes[ev.kind as usize];
+    fn stamp(&mut self, env: &mut impl Env, ev: &mut Ev<'_>, ts: f64) {
+        let e = &mut ev.head;
+        env.random(&mut e.message_id);
+        e.message_id[6] |= 1; // never all zero
+        e.timestamp_ms = ts as i64;
+        e.purpose = self.cfg.purposes[e.kind as usize];
     }
 
-    /// Puts `ev` through the consent gate.
-    fn record(&mut self, ev: Event) {
-        if self.touch_session(ev.timestamp_ms as f64) {
+    /// Puts `ev` through the consent gate, encoded.
+    fn record(&mut self, ev: &Ev<'_>) {
+        let e = &ev.head;
+        if self.touch_session(e.timestamp_ms as f64) {
             self.refresh_ctx();
         }
-        let need = (1 << ev.purpose as u8) | (1 << ev.kind.least_purpose() as u8);
-        match self.consent.gate(need) {
+        let need = e.purpose.bit() | e.kind.least_purpose().bit();
+        let gate = self.consent.gate(need);
+        if gate == Gate::Drop {
+            self.consent_dropped += 1;
+            return;
+        }
+        let piece = Piece {
+            id: e.message_id,
+            ts: e.timestamp_ms as f64,
+            bytes: ev.piece(),
+        };
+        match gate {
             Gate::Send => self
                 .queue
-                .push(Piece::new(&ev), &self.ctx, self.consent.granted(), need),
+                .push(piece, &self.ctx, self.consent.granted(), need),
             Gate::Hold => {
                 if held(&self.held) >= HELD_CAP
                     && let Some(first) = self.held.first_mut()
@@ -585,9 +571,9 @@ impl Tracker {
                     }
                     self.held_dropped += 1;
                 }
-                queue::append(&mut self.held, Piece::new(&ev), &self.ctx, 0, need);
+                queue::append(&mut self.held, piece, &self.ctx, 0, need);
             }
-            Gate::Drop => self.consent_dropped += 1,
+            Gate::Drop => {}
         }
     }
 
@@ -656,9 +642,8 @@ impl Tracker {
 
     fn refresh_ctx(&mut self) {
         let opt = |s: &str, max| {
-            let mut s = String::from(s);
-            text::truncate(&mut s, max);
-            (!s.is_empty()).then_some(s)
+            let s = text::clip(s, max);
+            (!s.is_empty()).then(|| String::from(s))
         };
         let utm = |i: usize| {
             self.utm[i]
@@ -730,6 +715,66 @@ impl Tracker {
         } else {
             next
         }
+    }
+}
+
+/// A snapshot of the tracker's state, for tests and debugging.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Debug<'a> {
+    /// Events queued, held for consent, in flight, dropped from the full queue, dropped
+    /// from the full held list, dropped for lack of consent, and sent (acknowledged); then
+    /// failed tries since the last success. In the order of [`Debug::COUNTS`].
+    pub counts: [u32; 8],
+    /// The state of each purpose, by wire value.
+    pub consent: [State; 4],
+    /// Whether ids and queue are kept in localStorage.
+    pub persistent: bool,
+    /// Anonymous id, user id, session id, last delivery error; empty when none.
+    pub ids: [&'a str; 4],
+}
+
+impl Debug<'_> {
+    /// The names of [`Debug::counts`], as `pz.debug()` shows them.
+    pub const COUNTS: [&'static str; 8] = [
+        "queued",
+        "held",
+        "inFlight",
+        "dropped",
+        "heldDropped",
+        "consentDropped",
+        "sent",
+        "retries",
+    ];
+
+    /// The count named `name` (one of [`Debug::COUNTS`]).
+    pub fn count(&self, name: &str) -> Option<u32> {
+        let i = Self::COUNTS.iter().position(|n| *n == name)?;
+        Some(self.counts[i])
+    }
+
+    /// The text the loader turns into `pz.debug()`'s object: the counts, one letter per
+    /// purpose (`g`ranted, `d`enied, `p`ending), `1` or `0` for persistent, then the ids,
+    /// separated by U+001F. Text, not JSON: escaping JSON in Rust costs more wasm than the
+    /// few lines of script that build the object.
+    pub fn encode(&self) -> String {
+        let mut s = String::new();
+        for n in self.counts {
+            text::push_u64(&mut s, u64::from(n));
+            s.push('\u{1f}');
+        }
+        for c in self.consent {
+            s.push(match c {
+                State::Granted => 'g',
+                State::Denied => 'd',
+                State::Pending => 'p',
+            });
+        }
+        s.push(if self.persistent { '1' } else { '0' });
+        for id in self.ids {
+            s.push('\u{1f}');
+            s.push_str(id);
+        }
+        s
     }
 }
 

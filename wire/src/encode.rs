@@ -16,7 +16,7 @@
 use alloc::string::String;
 use alloc::vec::Vec;
 
-use crate::model::{Batch, Context, Event, Item, Property, Value};
+use crate::model::{Batch, Context, Event, EventKind, Purpose, Value};
 
 /// Encodes a batch as one FlatBuffers `EventBatch` with the `PEB1` file identifier.
 ///
@@ -35,10 +35,117 @@ pub fn encode(batch: &Batch) -> Vec<u8> {
 
 /// One event as a piece for [`assemble`].
 pub fn event(e: &Event) -> Vec<u8> {
+    let properties: Vec<(&str, ValueRef<'_>)> = e
+        .properties
+        .iter()
+        .map(|p| {
+            let v = match &p.value {
+                Value::String(s) => ValueRef::String(s),
+                Value::Int(i) => ValueRef::Int(*i),
+                Value::Float(f) => ValueRef::Float(*f),
+                Value::Bool(b) => ValueRef::Bool(*b),
+            };
+            (p.key.as_str(), v)
+        })
+        .collect();
+    let items: Vec<ItemRef<'_>> = e
+        .items
+        .iter()
+        .map(|i| ItemRef {
+            product_id: &i.product_id,
+            category: i.category.as_deref(),
+            price: i.price,
+            quantity: i.quantity,
+            name: i.name.as_deref(),
+        })
+        .collect();
+    event_ref(&EventRef {
+        message_id: e.message_id,
+        timestamp_ms: e.timestamp_ms,
+        kind: e.kind,
+        name: e.name.as_deref(),
+        properties: &properties,
+        items: &items,
+        user_id: e.user_id.as_deref(),
+        previous_id: e.previous_id.as_deref(),
+        order_id: e.order_id.as_deref(),
+        revenue: e.revenue,
+        currency: e.currency.as_deref(),
+        consent_granted: e.consent_granted,
+        consent_denied: e.consent_denied,
+        purpose: e.purpose,
+    })
+}
+
+/// One event, borrowed, as a piece for [`assemble`]: the same bytes as [`event`] for the
+/// [`Event`] it mirrors.
+pub fn event_ref(e: &EventRef<'_>) -> Vec<u8> {
     let mut w = Writer(Vec::with_capacity(128));
     w.0.extend_from_slice(&[0; 4]);
     w.event(0, e);
     w.0
+}
+
+/// A property value to encode, borrowing its text.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum ValueRef<'a> {
+    /// Text.
+    String(&'a str),
+    /// A whole number.
+    Int(i64),
+    /// A finite floating point number.
+    Float(f64),
+    /// True or false.
+    Bool(bool),
+}
+
+/// A product line to encode, borrowing its text (see [`crate::Item`]).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct ItemRef<'a> {
+    /// The shop's product id (required, non-empty).
+    pub product_id: &'a str,
+    /// Category, if known.
+    pub category: Option<&'a str>,
+    /// Unit price in minor currency units.
+    pub price: i64,
+    /// How many.
+    pub quantity: u32,
+    /// Display name, if known.
+    pub name: Option<&'a str>,
+}
+
+/// An event to encode, borrowing its text and lists (see [`Event`] for the fields): the
+/// browser tracker fills one straight from a page's call, without allocating.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct EventRef<'a> {
+    /// 16 random bytes; never all zero.
+    pub message_id: [u8; 16],
+    /// Client clock, Unix milliseconds.
+    pub timestamp_ms: i64,
+    /// What happened.
+    pub kind: EventKind,
+    /// Track event name or page name.
+    pub name: Option<&'a str>,
+    /// Properties (key, value), or traits for identify.
+    pub properties: &'a [(&'a str, ValueRef<'a>)],
+    /// Commerce items.
+    pub items: &'a [ItemRef<'a>],
+    /// Identify: the user id. Alias: the new id.
+    pub user_id: Option<&'a str>,
+    /// Alias: the previous id.
+    pub previous_id: Option<&'a str>,
+    /// Order id.
+    pub order_id: Option<&'a str>,
+    /// Order revenue in minor currency units.
+    pub revenue: i64,
+    /// ISO 4217 currency code.
+    pub currency: Option<&'a str>,
+    /// Consent change: purposes now granted (mask).
+    pub consent_granted: u8,
+    /// Consent change: purposes now denied (mask).
+    pub consent_denied: u8,
+    /// The purpose this event needs.
+    pub purpose: Purpose,
 }
 
 /// A context as a piece for [`assemble`].
@@ -145,7 +252,11 @@ impl<'a> Slot<'a> {
     }
 
     fn opt(s: &'a Option<String>) -> Slot<'a> {
-        s.as_deref().map_or(Slot::Skip, Slot::Str)
+        Slot::str(s.as_deref())
+    }
+
+    fn str(s: Option<&'a str>) -> Slot<'a> {
+        s.map_or(Slot::Skip, Slot::Str)
     }
 
     fn list(n: usize) -> Slot<'a> {
@@ -289,22 +400,22 @@ impl Writer {
         self.table(parent, &fields);
     }
 
-    fn event(&mut self, parent: usize, e: &Event) {
-        let o = Slot::opt;
+    fn event(&mut self, parent: usize, e: &EventRef<'_>) {
+        let o = Slot::str;
         let at = self.table(
             parent,
             &[
                 (0, Slot::Id(&e.message_id)),
                 (1, Slot::I64(e.timestamp_ms)),
                 (2, Slot::U8(e.kind as u8)),
-                (3, o(&e.name)),
+                (3, o(e.name)),
                 (4, Slot::list(e.properties.len())),
                 (5, Slot::list(e.items.len())),
-                (6, o(&e.user_id)),
-                (7, o(&e.previous_id)),
-                (8, o(&e.order_id)),
+                (6, o(e.user_id)),
+                (7, o(e.previous_id)),
+                (8, o(e.order_id)),
                 (9, Slot::I64(e.revenue)),
-                (10, o(&e.currency)),
+                (10, o(e.currency)),
                 (11, Slot::U8(e.consent_granted)),
                 (12, Slot::U8(e.consent_denied)),
                 (13, Slot::U8(e.purpose as u8)),
@@ -312,8 +423,8 @@ impl Writer {
         );
         if !e.properties.is_empty() {
             let first = self.vector(at[4], e.properties.len());
-            for (i, p) in e.properties.iter().enumerate() {
-                self.property(first + 4 * i, p);
+            for (i, (key, value)) in e.properties.iter().enumerate() {
+                self.property(first + 4 * i, key, *value);
             }
         }
         if !e.items.is_empty() {
@@ -324,34 +435,30 @@ impl Writer {
         }
     }
 
-    fn property(&mut self, parent: usize, p: &Property) {
+    fn property(&mut self, parent: usize, key: &str, value: ValueRef<'_>) {
         // The union `value` takes two field ids: its type (1) and the table (2).
-        let (tag, value) = match &p.value {
-            Value::String(text) => (1, Slot::Str(text)),
-            Value::Int(i) => (2, Slot::I64(*i)),
-            Value::Float(f) => (3, Slot::I64(f.to_bits() as i64)),
-            Value::Bool(b) => (4, Slot::U8(u8::from(*b))),
+        let (tag, value) = match value {
+            ValueRef::String(text) => (1, Slot::Str(text)),
+            ValueRef::Int(i) => (2, Slot::I64(i)),
+            ValueRef::Float(f) => (3, Slot::I64(f.to_bits() as i64)),
+            ValueRef::Bool(b) => (4, Slot::U8(u8::from(b))),
         };
         let at = self.table(
             parent,
-            &[
-                (0, Slot::Str(&p.key)),
-                (1, Slot::U8(tag)),
-                (2, Slot::Offset),
-            ],
+            &[(0, Slot::Str(key)), (1, Slot::U8(tag)), (2, Slot::Offset)],
         );
         self.table(at[2], &[(0, value)]);
     }
 
-    fn item(&mut self, parent: usize, i: &Item) {
+    fn item(&mut self, parent: usize, i: &ItemRef<'_>) {
         self.table(
             parent,
             &[
-                (0, Slot::Str(&i.product_id)),
-                (1, Slot::opt(&i.category)),
+                (0, Slot::Str(i.product_id)),
+                (1, Slot::str(i.category)),
                 (2, Slot::I64(i.price)),
                 (3, Slot::U32(i.quantity)),
-                (4, Slot::opt(&i.name)),
+                (4, Slot::str(i.name)),
             ],
         );
     }
