@@ -8,6 +8,9 @@
 // on [data-track], consent changes in other tabs); reads the consent signals of a TCF CMP
 // and Google Consent Mode; runs the timer; and delivers batches. Everything else happens in
 // Rust: each call becomes one text message for the wasm export `m` (format: src/msg.rs).
+// The host functions the wasm imports (src/shell.rs); the glue finds `H` by name in the
+// function scope that build-tracker wraps around glue and loader.
+var H = {};
 (function (w, d, nav) {
   var pz = w.pz = w.pz || {};
   var W = wasm_bindgen;
@@ -301,30 +304,42 @@
     };
   }
 
-  var host = {
-    // Delivers a batch: n == 0 means the page is going away (sendBeacon, no answer).
-    s: function (url, body, n) {
-      body = body.slice();
-      if (!n) {
-        try { if (nav.sendBeacon(url, body)) return true; } catch (e) { /* fall back to fetch */ }
-      }
-      try {
-        fetch(url, { method: 'POST', body: body, keepalive: body.length < 65000 }).then(function (r) {
-          if (n) send('d', n, r.status, text(r.headers.get('Retry-After')));
-        }, function () {
-          if (n) send('d', n, 0);
-        });
-        return true;
-      } catch (e) {
-        return false;
-      }
+  var storage;
+  try { storage = w.localStorage; } catch (e) { /* storage disabled: memory only */ }
+  // Storage that throws (disabled, quota, private mode) behaves as absent or refusing.
+  function store(f) {
+    return function (k, v) {
+      try { return storage ? f(k, v) : null; } catch (e) { return null; }
+    };
+  }
+  H.g = store(function (k) { return storage.getItem(k); });
+  H.p = store(function (k, v) { storage.setItem(k, v); return true; });
+  H.x = store(function (k) { storage.removeItem(k); });
+  var keys = store(function () {
+    return Object.keys(storage).filter(function (k) { return k.slice(0, 3) == 'pz_'; }).join('\x1f');
+  });
+  H.k = function () { return keys() || ''; };
+  H.r = function (b) { w.crypto.getRandomValues(b); };
+  H.n = Date.now;
+  // Delivers a batch: n == 0 means the page is going away (sendBeacon, no answer).
+  H.s = function (url, body, n) {
+    body = body.slice();
+    if (!n) {
+      try { if (nav.sendBeacon(url, body)) return true; } catch (e) { /* fall back to fetch */ }
+    }
+    try {
+      fetch(url, { method: 'POST', body: body, keepalive: body.length < 65000 }).then(function (r) {
+        if (n) send('d', n, r.status, text(r.headers.get('Retry-After')));
+      }, function () {
+        if (n) send('d', n, 0);
+      });
+      return true;
+    } catch (e) {
+      return false;
     }
   };
 
   W().then(function () {
-    var storage;
-    try { storage = w.localStorage; } catch (e) { /* storage disabled: memory only */ }
-    W.start(host, storage, w.crypto);
     var queued = pz.q || [];
     pz.q = { push: function (c) { call(c[0], c[1], c[2]); } };
     Object.keys(api).forEach(function (k) {
@@ -334,7 +349,7 @@
     // For tests and debugging: the tracker's state as a plain object (null before init).
     pz.debug = function () {
       var o = null;
-      host.d = function (t) {
+      H.d = function (t) {
         var f = t.split('\x1f');
         var i = 0;
         o = { consent: {}, persistent: f[8][4] == 1 };

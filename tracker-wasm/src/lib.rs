@@ -23,7 +23,8 @@
 //! - [`persist`]: localStorage keys, the stored queue format, tabs sharing storage.
 //! - [`text`]: text without `core::fmt`.
 //!
-//! On wasm32 a thin `shell` module binds it to the browser with wasm-bindgen and web-sys.
+//! On wasm32 a thin `shell` module binds it to the browser with wasm-bindgen, through a few
+//! host functions of the loader (storage, randomness, clock, delivery).
 //! There the crate is `no_std` with a small allocator and a panic handler that traps, so
 //! neither `std`'s panic machinery nor `core::fmt` ends up in the shipped file.
 //!

@@ -1,13 +1,13 @@
-//! The browser shell (wasm32 only): the functions the loader calls, and [`Env`] on top of
-//! web-sys (localStorage, Web Crypto) and the loader's delivery function.
+//! The browser shell (wasm32 only): the function the loader calls, and [`Env`] on top of
+//! the loader's host functions (localStorage, Web Crypto, the clock, delivery).
 //!
 //! Listeners, timers, `fetch` promises and checking the page's arguments live in the
 //! loader (`js/loader.js`): Rust closures handed to JavaScript, and reading arbitrary
 //! objects through reflection, cost far more wasm and glue than the few lines of script
 //! they replace.
 //!
-//! Exports: `start(host, storage, crypto)` and `m(message)` (every API call and page event, as
-//! text: see [`msg`]; `D` asks for the state, which goes to `host.d`). A single text export
+//! Export: `m(message)` (every API call and page event, as text: see [`msg`]; `D` asks for
+//! the state, which goes to `H.d`). A single text export
 //! needs far less glue than one export per call or reading JavaScript objects from Rust, and
 //! handing text to the host is cheaper than returning it.
 
@@ -19,6 +19,7 @@ use wasm_bindgen::prelude::*;
 
 use crate::msg::{self, Msg};
 use crate::persist::Storage;
+use crate::text;
 use crate::tracker::{Env, NO_TICK, Tracker};
 
 // wasm32-unknown-unknown without the atomics feature runs on one thread, which makes both
@@ -35,34 +36,62 @@ fn panic(_: &core::panic::PanicInfo<'_>) -> ! {
     core::arch::wasm32::unreachable()
 }
 
-/// The browser side, from `start`; the tracker, from the `init` message.
-struct Global(RefCell<(Option<Browser>, Option<Tracker>)>);
+/// The browser side; the tracker, from the `init` message.
+struct Global(RefCell<(Browser, Option<Tracker>)>);
 
 // SAFETY: see ALLOC: one thread.
 #[allow(unsafe_code)]
 unsafe impl Sync for Global {}
 
-static STATE: Global = Global(RefCell::new((None, None)));
+static STATE: Global = Global(RefCell::new((
+    Browser {
+        pool: [0; 256],
+        used: 256,
+    },
+    None,
+)));
 
+// The loader's host functions: `H` is declared in the function scope that `cargo xtask
+// build-tracker` wraps around this glue and the loader, so the glue finds it by name. Plain
+// functions taking strings and bytes need no JavaScript objects held in Rust (no externref
+// table) and less glue than web-sys's `Storage` and `Crypto` bindings.
 #[wasm_bindgen]
 extern "C" {
-    /// The loader's delivery object.
-    pub type Host;
-
     /// Starts a POST (see [`Env::send`]).
-    #[wasm_bindgen(method, js_name = s)]
-    fn send(this: &Host, url: &str, body: &[u8], seq: u32) -> bool;
+    #[wasm_bindgen(js_namespace = H, js_name = s)]
+    fn send(url: &str, body: &[u8], seq: u32) -> bool;
 
     /// Takes the tracker's state for `pz.debug()` (see [`crate::tracker::Debug::encode`]).
-    #[wasm_bindgen(method, js_name = d)]
-    fn debug(this: &Host, state: &str);
+    #[wasm_bindgen(js_namespace = H, js_name = d)]
+    fn debug(state: &str);
+
+    /// `localStorage.getItem`; `None` when absent or storage is unavailable.
+    #[wasm_bindgen(js_namespace = H, js_name = g)]
+    fn get(key: &str) -> Option<String>;
+
+    /// `localStorage.setItem`; `false` when the browser refused.
+    #[wasm_bindgen(js_namespace = H, js_name = p)]
+    fn put(key: &str, value: &str) -> bool;
+
+    /// `localStorage.removeItem`.
+    #[wasm_bindgen(js_namespace = H, js_name = x)]
+    fn remove(key: &str);
+
+    /// The `localStorage` keys that start with `pz_`, separated by U+001F.
+    #[wasm_bindgen(js_namespace = H, js_name = k)]
+    fn keys() -> String;
+
+    /// `crypto.getRandomValues`.
+    #[wasm_bindgen(js_namespace = H, js_name = r)]
+    fn random(buf: &mut [u8]);
+
+    /// `Date.now()`.
+    #[wasm_bindgen(js_namespace = H, js_name = n)]
+    fn now() -> f64;
 }
 
 /// The browser side of [`Env`].
 struct Browser {
-    host: Host,
-    storage: Option<web_sys::Storage>,
-    crypto: Option<web_sys::Crypto>,
     /// Random bytes fetched ahead: one `getRandomValues` call per 16 message ids instead of
     /// one per event, on the page's time.
     pool: [u8; 256],
@@ -71,46 +100,35 @@ struct Browser {
 
 impl Storage for Browser {
     fn get(&self, key: &str) -> Option<String> {
-        self.storage.as_ref()?.get_item(key).ok().flatten()
+        get(key)
     }
 
     fn set(&mut self, key: &str, value: &str) -> bool {
-        self.storage
-            .as_ref()
-            .is_some_and(|s| s.set_item(key, value).is_ok())
+        put(key, value)
     }
 
     fn remove(&mut self, key: &str) {
-        if let Some(s) = &self.storage {
-            let _ = s.remove_item(key);
-        }
+        remove(key);
     }
 
     fn keys(&self) -> Vec<String> {
-        let Some(s) = &self.storage else {
-            return Vec::new();
-        };
-        let mut keys = Vec::new();
-        for i in 0..s.length().unwrap_or(0) {
-            if let Ok(Some(k)) = s.key(i) {
-                keys.push(k);
-            }
-        }
-        keys
+        let keys = keys();
+        text::fields(&keys, 0x1f)
+            .filter(|k| !k.is_empty())
+            .map(String::from)
+            .collect()
     }
 }
 
 impl Env for Browser {
     fn now(&self) -> f64 {
-        js_sys::Date::now()
+        now()
     }
 
     fn random(&mut self, buf: &mut [u8]) {
         for b in buf {
             if self.used >= self.pool.len() {
-                if let Some(c) = &self.crypto {
-                    let _ = c.get_random_values_with_u8_array(&mut self.pool);
-                }
+                random(&mut self.pool);
                 self.used = 0;
             }
             *b = self.pool[self.used];
@@ -119,25 +137,7 @@ impl Env for Browser {
     }
 
     fn send(&mut self, url: &str, body: &[u8], seq: u32) -> bool {
-        self.host.send(url, body, seq)
-    }
-}
-
-/// Binds the tracker to the page: `host.s(url, bytes, seq)` delivers batches; `storage`
-/// is `localStorage` (absent where the browser refuses it: then the tracker keeps everything
-/// in memory) and `crypto` is `window.crypto`. The loader looks them up: finding the window
-/// from Rust costs more glue than the lookup itself.
-#[wasm_bindgen]
-pub fn start(host: Host, storage: Option<web_sys::Storage>, crypto: Option<web_sys::Crypto>) {
-    let browser = Browser {
-        host,
-        storage,
-        crypto,
-        pool: [0; 256],
-        used: 256,
-    };
-    if let Ok(mut s) = STATE.0.try_borrow_mut() {
-        s.0 = Some(browser);
+        send(url, body, seq)
     }
 }
 
@@ -149,12 +149,10 @@ pub fn m(message: &str) -> f64 {
     let Ok(mut state) = STATE.0.try_borrow_mut() else {
         return NO_TICK;
     };
-    let (Some(browser), tracker) = &mut *state else {
-        return NO_TICK;
-    };
+    let (browser, tracker) = &mut *state;
     if message == "D" {
         if let Some(t) = tracker {
-            browser.host.debug(&t.debug().encode());
+            debug(&t.debug().encode());
         }
         return NO_TICK;
     }
