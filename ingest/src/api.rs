@@ -1,16 +1,21 @@
 //! The HTTP API: routes, shared state and handlers.
 
+use std::collections::BTreeMap;
+use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, State};
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, Method, header};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use profile_cache::{Profile, StoreError};
-use serde::Serialize;
+use profile_cache::segments::{Predicate, Segment};
+use profile_cache::{MemberCursor, MemberPage, MembersRequest};
+use profile_cache::{Profile, ProfileId, StoreError};
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use subtle::ConstantTimeEq;
 use time::OffsetDateTime;
@@ -48,6 +53,8 @@ pub struct AppState {
     pub clock: Arc<dyn Clock>,
     /// The configuration the collector runs with.
     pub config: Arc<Config>,
+    /// The segments the collector evaluates, compiled from `config` at start.
+    pub segments: Arc<[Segment]>,
 }
 
 /// The collector's routes. Tests call this without a socket.
@@ -79,6 +86,8 @@ pub fn router(state: AppState) -> Router {
     let mut app = Router::new()
         .merge(batches)
         .route("/v1/profiles/{id}", get(profile))
+        .route("/v1/segments", get(segments))
+        .route("/v1/segments/{name}/members", get(segment_members))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz));
     if let Some(dir) = &config.www_dir {
@@ -188,6 +197,245 @@ async fn profile(
         .await
         .map_err(|e| store_error(&state, e))?;
     profile.map(Json).ok_or(ApiError::NotFound)
+}
+
+/// Members per page when `limit` is not given.
+pub const DEFAULT_MEMBERS_LIMIT: usize = 100;
+
+/// The most members one page returns: one page is two Redis round trips (members, then
+/// their traits), and 1,000 members with a few traits each stay well under a millisecond
+/// of Redis time.
+pub const MAX_MEMBERS_LIMIT: usize = 1_000;
+
+/// The most traits one page may ask for.
+pub const MAX_TRAITS: usize = 20;
+
+/// `GET /v1/segments`: every configured segment, with its size.
+#[derive(Debug, Serialize)]
+pub struct SegmentsResponse {
+    /// In the order of the configuration.
+    pub segments: Vec<SegmentSummary>,
+}
+
+/// One segment's definition and size.
+#[derive(Debug, Serialize)]
+pub struct SegmentSummary {
+    /// The name.
+    pub name: String,
+    /// What it is for, when the definition says.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// The compiled condition (`profile_cache::segments`, "The compiled form").
+    pub condition: Predicate,
+    /// Its members now.
+    pub size: u64,
+}
+
+/// `GET /v1/segments/{name}/members`: one page of members.
+#[derive(Debug, Serialize)]
+pub struct MembersResponse {
+    /// The segment.
+    pub segment: String,
+    /// Members in (entered-at, id) order.
+    pub members: Vec<MemberJson>,
+    /// Pass as `cursor` for the next page; `null` when no member followed this page.
+    pub next_cursor: Option<String>,
+}
+
+/// A member as the API shows it.
+#[derive(Debug, Serialize)]
+pub struct MemberJson {
+    /// The profile id, `u:<user id>` or `a:<anonymous id>`.
+    pub id: ProfileId,
+    /// When it entered the segment, RFC 3339 in UTC.
+    #[serde(with = "time::serde::rfc3339")]
+    pub entered_at: OffsetDateTime,
+    /// The same, Unix milliseconds.
+    pub entered_at_ms: i64,
+    /// The requested traits the profile has; missing ones are left out.
+    pub traits: BTreeMap<String, String>,
+}
+
+impl MembersResponse {
+    fn new(segment: String, page: MemberPage) -> Self {
+        Self {
+            segment,
+            members: page
+                .members
+                .into_iter()
+                .map(|m| MemberJson {
+                    // Entered-at times are whole milliseconds within ±10^4 years.
+                    entered_at_ms: m.entered_at.unix_timestamp_nanos().div_euclid(1_000_000) as i64,
+                    id: m.id,
+                    entered_at: m.entered_at,
+                    traits: m.traits,
+                })
+                .collect(),
+            next_cursor: page.next.map(|c| c.to_string()),
+        }
+    }
+}
+
+#[instrument(skip_all)]
+async fn segments(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<SegmentsResponse>, ApiError> {
+    authorize(&state.config.api_tokens, &headers)?;
+    let names: Vec<&str> = state.segments.iter().map(|s| s.name.as_str()).collect();
+    let sizes = state
+        .store
+        .segment_sizes(&names)
+        .await
+        .map_err(|e| store_error(&state, e))?;
+    let segments = state
+        .segments
+        .iter()
+        .zip(sizes)
+        .map(|(s, size)| SegmentSummary {
+            description: Some(s.description.clone()).filter(|d| !d.is_empty()),
+            name: s.name.clone(),
+            condition: s.condition.clone(),
+            size,
+        })
+        .collect();
+    Ok(Json(SegmentsResponse { segments }))
+}
+
+/// The query of `GET /v1/segments/{name}/members`, as sent; an empty value counts as absent.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MembersQuery {
+    cursor: Option<String>,
+    limit: Option<String>,
+    traits: Option<String>,
+}
+
+impl MembersQuery {
+    /// Checks every parameter; `max_trait_bytes` is the longest trait name a batch can
+    /// carry, so a longer one cannot exist.
+    fn request(self, max_trait_bytes: usize) -> Result<MembersRequest, ApiError> {
+        let present = |v: Option<String>| v.filter(|v| !v.is_empty());
+        let after = present(self.cursor)
+            .map(|c| {
+                c.parse::<MemberCursor>()
+                    .map_err(|e| ApiError::BadParameter {
+                        parameter: "cursor",
+                        problem: format!("{e}; pass next_cursor back as it came"),
+                        limit: None,
+                    })
+            })
+            .transpose()?;
+        let limit = match present(self.limit) {
+            None => DEFAULT_LIMIT,
+            Some(text) => parse_limit(&text)?,
+        };
+        let traits = match present(self.traits) {
+            None => Vec::new(),
+            Some(list) => parse_traits(&list, max_trait_bytes)?,
+        };
+        Ok(MembersRequest {
+            after,
+            limit,
+            traits,
+        })
+    }
+}
+
+const DEFAULT_LIMIT: NonZeroUsize = NonZeroUsize::new(DEFAULT_MEMBERS_LIMIT).unwrap();
+
+/// A page size from 1 to [`MAX_MEMBERS_LIMIT`].
+fn parse_limit(text: &str) -> Result<NonZeroUsize, ApiError> {
+    let bad = |problem: String| ApiError::BadParameter {
+        parameter: "limit",
+        problem,
+        limit: Some(MAX_MEMBERS_LIMIT),
+    };
+    let n: u64 = text.parse().map_err(|_| {
+        bad(format!(
+            "{text:?} is not a whole number from 1 to {MAX_MEMBERS_LIMIT}"
+        ))
+    })?;
+    match usize::try_from(n).ok().and_then(NonZeroUsize::new) {
+        None if n == 0 => Err(bad(format!("0 is too small, use 1 to {MAX_MEMBERS_LIMIT}"))),
+        Some(limit) if limit.get() <= MAX_MEMBERS_LIMIT => Ok(limit),
+        _ => Err(bad(format!("{n} is too large, limit {MAX_MEMBERS_LIMIT}"))),
+    }
+}
+
+/// Comma-separated trait names: at most [`MAX_TRAITS`], each 1 to `max_bytes` bytes without
+/// control characters or surrounding whitespace. A name listed twice is read once.
+fn parse_traits(list: &str, max_bytes: usize) -> Result<Vec<String>, ApiError> {
+    let names: Vec<&str> = list.split(',').collect();
+    if names.len() > MAX_TRAITS {
+        return Err(ApiError::BadParameter {
+            parameter: "traits",
+            problem: format!("{} names, limit {MAX_TRAITS}", names.len()),
+            limit: Some(MAX_TRAITS),
+        });
+    }
+    let mut traits: Vec<String> = Vec::with_capacity(names.len());
+    for (i, name) in names.into_iter().enumerate() {
+        let bad = |problem: String, limit| ApiError::BadParameter {
+            parameter: "traits",
+            problem: format!("name {} {problem}", i + 1),
+            limit,
+        };
+        if name.is_empty() {
+            return Err(bad("is empty".into(), None));
+        }
+        if name.len() > max_bytes {
+            return Err(bad(
+                format!("is {} bytes, limit {max_bytes}", name.len()),
+                Some(max_bytes),
+            ));
+        }
+        if name.chars().any(char::is_control) {
+            return Err(bad(format!("{name:?} contains a control character"), None));
+        }
+        if name.trim() != name {
+            return Err(bad(
+                format!("{name:?} starts or ends with whitespace"),
+                None,
+            ));
+        }
+        if !traits.iter().any(|t| t == name) {
+            traits.push(name.into());
+        }
+    }
+    Ok(traits)
+}
+
+#[instrument(skip_all)]
+async fn segment_members(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    name: Result<Path<String>, PathRejection>,
+    query: Result<Query<MembersQuery>, QueryRejection>,
+) -> Result<Json<MembersResponse>, ApiError> {
+    authorize(&state.config.api_tokens, &headers)?;
+    let Path(name) = name.map_err(|e| ApiError::BadParameter {
+        parameter: "name",
+        problem: e.body_text(),
+        limit: None,
+    })?;
+    if !state.segments.iter().any(|s| s.name == name) {
+        return Err(ApiError::UnknownSegment(name));
+    }
+    let Query(query) = query.map_err(|e| ApiError::BadParameter {
+        parameter: "query",
+        // The deserializer's words ("unknown field `trait`, expected one of ..."), without
+        // axum's prefix.
+        problem: std::error::Error::source(&e).map_or_else(|| e.body_text(), ToString::to_string),
+        limit: None,
+    })?;
+    let request = query.request(state.config.limits.max_string_bytes)?;
+    let page = state
+        .store
+        .segment_members(&name, &request)
+        .await
+        .map_err(|e| store_error(&state, e))?;
+    Ok(Json(MembersResponse::new(name, page)))
 }
 
 fn authorize(tokens: &[String], headers: &HeaderMap) -> Result<(), ApiError> {

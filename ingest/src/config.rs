@@ -50,6 +50,8 @@ pub struct Config {
     /// A TOML file of `[[segments]]` tables, instead of `segments`. A relative path is taken
     /// from the directory of the config file that names it.
     pub segments_file: Option<RelativePathBuf>,
+    /// The deadline scheduler, which re-evaluates profiles whose segments change by time.
+    pub scheduler: SchedulerConfig,
 }
 
 impl Default for Config {
@@ -68,6 +70,43 @@ impl Default for Config {
             profiles: ProfileConfig::default(),
             segments: Vec::new(),
             segments_file: None,
+            scheduler: SchedulerConfig::default(),
+        }
+    }
+}
+
+/// The deadline scheduler ([`crate::scheduler`]): every collector runs one, and they share
+/// the work through claims with a lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SchedulerConfig {
+    /// Whether this collector runs it. Default true.
+    pub enabled: bool,
+    /// The longest sleep between two looks at the schedule; the scheduler wakes earlier when
+    /// the earliest deadline comes sooner. Keep it under a second for deadlines to fire
+    /// within a second. Default 250 ms.
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    /// How long a claimed profile is left to its scheduler before another may take it over:
+    /// how late a deadline can fire when a collector dies. Longer than
+    /// `profiles.redis_timeout`. Default 30 s.
+    #[serde(with = "humantime_serde")]
+    pub lease: Duration,
+    /// The most profiles claimed and evaluated in one round trip. Default 100.
+    pub batch_size: usize,
+}
+
+/// The most profiles one scheduler round takes: each claim is one script call that holds
+/// Redis while it runs.
+pub const MAX_SCHEDULER_BATCH: usize = 10_000;
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            poll_interval: Duration::from_millis(250),
+            lease: Duration::from_secs(30),
+            batch_size: 100,
         }
     }
 }
@@ -273,7 +312,37 @@ impl Config {
         self.profiles
             .validate()
             .map_err(|e| invalid("profiles", e.to_string()))?;
+        self.validate_scheduler()?;
         self.segments()?;
+        Ok(())
+    }
+
+    fn validate_scheduler(&self) -> Result<(), ConfigError> {
+        let s = &self.scheduler;
+        if s.poll_interval < Duration::from_millis(1) {
+            return Err(invalid("scheduler.poll_interval", "must be at least 1ms"));
+        }
+        // A claim that ends while its evaluation is still in flight lets another scheduler
+        // take the profile over: harmless (the late evaluation writes nothing) but wasted.
+        if s.lease <= self.profiles.redis_timeout {
+            return Err(invalid(
+                "scheduler.lease",
+                format!(
+                    "{} must be longer than profiles.redis_timeout ({}), so a claim outlives a slow Redis call",
+                    humantime_serde::re::humantime::format_duration(s.lease),
+                    humantime_serde::re::humantime::format_duration(self.profiles.redis_timeout),
+                ),
+            ));
+        }
+        if !(1..=MAX_SCHEDULER_BATCH).contains(&s.batch_size) {
+            return Err(invalid(
+                "scheduler.batch_size",
+                format!(
+                    "{} is not between 1 and {MAX_SCHEDULER_BATCH}",
+                    s.batch_size
+                ),
+            ));
+        }
         Ok(())
     }
 

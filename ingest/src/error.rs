@@ -47,6 +47,19 @@ pub enum ApiError {
     /// The profile does not exist.
     #[error("no profile with this id")]
     NotFound,
+    /// No segment of this name is configured.
+    #[error("no segment named {0:?} is configured")]
+    UnknownSegment(String),
+    /// A path or query parameter of a read is unusable.
+    #[error("{parameter}: {problem}")]
+    BadParameter {
+        /// The parameter, e.g. `limit`.
+        parameter: &'static str,
+        /// What is wrong, with the limit when one is broken.
+        problem: String,
+        /// The limit broken, when there is one.
+        limit: Option<usize>,
+    },
     /// Redis cannot be reached now; the client should retry.
     #[error("storage unavailable, retry later")]
     Unavailable {
@@ -62,12 +75,13 @@ impl ApiError {
     fn status(&self) -> StatusCode {
         match self {
             ApiError::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::BadBody(_) | ApiError::MalformedBatch(_) | ApiError::BadIdentity { .. } => {
-                StatusCode::BAD_REQUEST
-            }
+            ApiError::BadBody(_)
+            | ApiError::MalformedBatch(_)
+            | ApiError::BadIdentity { .. }
+            | ApiError::BadParameter { .. } => StatusCode::BAD_REQUEST,
             ApiError::UnknownWriteKey | ApiError::MissingToken => StatusCode::UNAUTHORIZED,
             ApiError::OriginNotAllowed(_) | ApiError::InvalidToken => StatusCode::FORBIDDEN,
-            ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::NotFound | ApiError::UnknownSegment(_) => StatusCode::NOT_FOUND,
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -84,6 +98,8 @@ impl ApiError {
             ApiError::MissingToken => "missing_token",
             ApiError::InvalidToken => "invalid_token",
             ApiError::NotFound => "not_found",
+            ApiError::UnknownSegment(_) => "unknown_segment",
+            ApiError::BadParameter { .. } => "bad_parameter",
             ApiError::Unavailable { .. } => "unavailable",
             ApiError::Internal => "internal",
         }
@@ -96,6 +112,14 @@ impl IntoResponse for ApiError {
         match &self {
             ApiError::BodyTooLarge { limit } => body["limit"] = json!(limit),
             ApiError::BadIdentity { field, .. } => body["field"] = json!(field),
+            ApiError::BadParameter {
+                parameter, limit, ..
+            } => {
+                body["field"] = json!(parameter);
+                if let Some(limit) = limit {
+                    body["limit"] = json!(limit);
+                }
+            }
             ApiError::MalformedBatch(e) => match e {
                 wire::DecodeError::TooLarge { limit, .. } => body["limit"] = json!(limit),
                 wire::DecodeError::TooMany { field, limit, .. }

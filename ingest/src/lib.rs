@@ -8,12 +8,14 @@
 //! - [`api`]: routes and handlers ([`router`]), shared state, the clock.
 //! - [`pipeline`]: a verified batch to profile updates (consent, enrichment, grouping).
 //! - [`store`]: the storage trait, for Redis and an in-memory test double.
+//! - [`scheduler`]: the task that re-evaluates profiles whose deadline has come.
 //! - [`error`]: the one API error type and its JSON shape.
 
 pub mod api;
 pub mod config;
 pub mod error;
 pub mod pipeline;
+pub mod scheduler;
 pub mod store;
 
 use std::future::Future;
@@ -21,13 +23,16 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tracing::{info, warn};
 
 pub use api::{AppState, Clock, SystemClock, router};
 pub use config::Config;
+pub use scheduler::Scheduler;
 
 /// Connects to Redis and serves until `shutdown` completes, then lets in-flight requests
-/// finish for at most `config.shutdown_timeout`.
+/// finish for at most `config.shutdown_timeout`. Unless `scheduler.enabled` is false, the
+/// deadline scheduler runs alongside and stops with the server.
 ///
 /// # Errors
 /// Redis cannot be reached at start (schema mismatch included), or the server fails.
@@ -47,32 +52,52 @@ pub async fn serve(
         "segments evaluated on every update"
     );
     let timeout = config.shutdown_timeout;
+    let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+    // Set once shutdown starts; dropped (which also stops the scheduler) if the server ends.
+    let (stopping_tx, mut stopping_rx) = watch::channel(false);
+    let scheduler = config.scheduler.enabled.then(|| {
+        let scheduler = Scheduler::new(store.clone(), clock.clone(), config.scheduler);
+        tokio::spawn(scheduler.run(stopping(stopping_rx.clone())))
+    });
     let state = AppState {
         store: Arc::new(store),
-        clock: Arc::new(SystemClock),
+        clock,
         config: Arc::new(config),
+        segments: segments.into(),
     };
     info!(addr = %listener.local_addr()?, "collector listening");
-    let (stopping_tx, stopping_rx) = tokio::sync::oneshot::channel::<()>();
     let server = axum::serve(listener, router(state)).with_graceful_shutdown(async move {
         shutdown.await;
-        let _ = stopping_tx.send(());
+        let _ = stopping_tx.send(true);
     });
     let server = tokio::spawn(async move { server.await });
-    // Once shutdown starts, in-flight requests get `timeout` to finish.
-    let deadline = async move {
-        if stopping_rx.await.is_ok() {
+    // Once shutdown starts, in-flight requests (and the scheduler's round) get `timeout` to
+    // finish.
+    let stopped = async move {
+        if stopping_rx.wait_for(|stopping| *stopping).await.is_ok() {
             tokio::time::sleep(timeout).await;
         } else {
             std::future::pending::<()>().await;
         }
     };
+    tokio::pin!(stopped);
     tokio::select! {
         result = server => result.context("server task failed")?.context("server failed")?,
-        () = deadline => warn!(?timeout, "in-flight requests did not finish in time"),
+        () = &mut stopped => warn!(?timeout, "in-flight requests did not finish in time"),
+    }
+    if let Some(scheduler) = scheduler {
+        tokio::select! {
+            result = scheduler => result.context("scheduler task failed")?,
+            () = &mut stopped => warn!(?timeout, "the scheduler's round did not finish in time"),
+        }
     }
     info!("collector stopped");
     Ok(())
+}
+
+/// Completes when `stopping` turns true or its sender is gone.
+async fn stopping(mut stopping: watch::Receiver<bool>) {
+    let _ = stopping.wait_for(|stopping| *stopping).await;
 }
 
 /// A Redis URL without its password, for logs.

@@ -6,6 +6,7 @@ use std::sync::Mutex;
 
 use async_trait::async_trait;
 use profile_cache::{ApplyReport, Profile, ProfileUpdate, RedisProfiles, StoreError};
+use profile_cache::{MemberCursor, MemberPage, MembersRequest, SegmentMember};
 use time::OffsetDateTime;
 
 /// Where profiles live.
@@ -17,6 +18,16 @@ pub trait ProfileStore: Send + Sync + 'static {
     async fn find(&self, id: &str, now: OffsetDateTime) -> Result<Option<Profile>, StoreError>;
     /// Succeeds when the store answers.
     async fn ping(&self) -> Result<(), StoreError>;
+    /// The number of members of each segment in `names`, in that order; 0 for a segment
+    /// nobody is in.
+    async fn segment_sizes(&self, names: &[&str]) -> Result<Vec<u64>, StoreError>;
+    /// A page of a segment's members in (entered-at, profile id) order, after
+    /// `request.after`, with the requested traits they have.
+    async fn segment_members(
+        &self,
+        segment: &str,
+        request: &MembersRequest,
+    ) -> Result<MemberPage, StoreError>;
 }
 
 #[async_trait]
@@ -30,10 +41,21 @@ impl ProfileStore for RedisProfiles {
     async fn ping(&self) -> Result<(), StoreError> {
         RedisProfiles::ping(self).await
     }
+    async fn segment_sizes(&self, names: &[&str]) -> Result<Vec<u64>, StoreError> {
+        RedisProfiles::segment_sizes(self, names).await
+    }
+    async fn segment_members(
+        &self,
+        segment: &str,
+        request: &MembersRequest,
+    ) -> Result<MemberPage, StoreError> {
+        RedisProfiles::segment_members(self, segment, request).await
+    }
 }
 
 /// An in-memory store for handler tests: records updates, dedupes by message id, and
-/// answers `find` with profiles placed by the test. It models no profile logic.
+/// answers `find` and the segment reads with profiles and members placed by the test. It
+/// models no profile or segment logic.
 #[derive(Default)]
 pub struct MemoryStore {
     inner: Mutex<Memory>,
@@ -44,6 +66,8 @@ struct Memory {
     applied: Vec<ProfileUpdate>,
     seen: HashSet<(String, uuid::Uuid)>,
     profiles: BTreeMap<String, Profile>,
+    /// Segment name to its members, each with every trait of its profile.
+    members: BTreeMap<String, Vec<SegmentMember>>,
     down: bool,
 }
 
@@ -56,6 +80,16 @@ impl MemoryStore {
     /// Makes `find(id)` return `profile`.
     pub fn put_profile(&self, id: &str, profile: Profile) {
         self.lock().profiles.insert(id.into(), profile);
+    }
+
+    /// Puts `member` into `segment`; `member.traits` are all its profile's traits, of which
+    /// a page returns the requested ones.
+    pub fn put_member(&self, segment: &str, member: SegmentMember) {
+        self.lock()
+            .members
+            .entry(segment.into())
+            .or_default()
+            .push(member);
     }
 
     /// Simulates an unreachable store.
@@ -114,5 +148,55 @@ impl ProfileStore for MemoryStore {
             return Err(unavailable());
         }
         Ok(())
+    }
+
+    async fn segment_sizes(&self, names: &[&str]) -> Result<Vec<u64>, StoreError> {
+        let m = self.lock();
+        if m.down {
+            return Err(unavailable());
+        }
+        Ok(names
+            .iter()
+            .map(|name| m.members.get(*name).map_or(0, |v| v.len() as u64))
+            .collect())
+    }
+
+    async fn segment_members(
+        &self,
+        segment: &str,
+        request: &MembersRequest,
+    ) -> Result<MemberPage, StoreError> {
+        let m = self.lock();
+        if m.down {
+            return Err(unavailable());
+        }
+        // The same order and cursor semantics as Redis: (entered-at, id), after the cursor.
+        let mut members: Vec<SegmentMember> = m
+            .members
+            .get(segment)
+            .into_iter()
+            .flatten()
+            .filter(|member| {
+                request
+                    .after
+                    .as_ref()
+                    .is_none_or(|after| MemberCursor::after(member) > *after)
+            })
+            .cloned()
+            .collect();
+        members.sort_by_key(MemberCursor::after);
+        let more = members.len() > request.limit.get();
+        members.truncate(request.limit.get());
+        for member in &mut members {
+            member
+                .traits
+                .retain(|name, _| request.traits.contains(name));
+        }
+        let next = if more {
+            members.last().map(MemberCursor::after)
+        } else {
+            None
+        };
+        Ok(MemberPage { members, next })
     }
 }

@@ -234,3 +234,57 @@ condition = { metric = { field = "orders" } }
         )
     );
 }
+
+#[test]
+fn the_scheduler_runs_by_default_and_its_settings_take_durations() {
+    let config = Config::load(None, &[]).unwrap();
+    assert!(config.scheduler.enabled);
+    assert_eq!(config.scheduler.poll_interval, Duration::from_millis(250));
+    assert_eq!(config.scheduler.lease, Duration::from_secs(30));
+    assert_eq!(config.scheduler.batch_size, 100);
+
+    let f = file("[scheduler]\npoll_interval = \"50ms\"\nlease = \"1m\"\nbatch_size = 500\n");
+    let config = Config::load(
+        Some(f.path()),
+        &env(&[("INGEST_SCHEDULER__ENABLED", "false")]),
+    )
+    .unwrap();
+    assert!(!config.scheduler.enabled);
+    assert_eq!(config.scheduler.poll_interval, Duration::from_millis(50));
+    assert_eq!(config.scheduler.lease, Duration::from_secs(60));
+    assert_eq!(config.scheduler.batch_size, 500);
+}
+
+#[test]
+fn scheduler_settings_that_cannot_work_are_refused_by_name() {
+    let cases = [
+        (
+            "[scheduler]\npoll_interval = \"0s\"\n",
+            "scheduler.poll_interval: must be at least 1ms",
+        ),
+        (
+            "[scheduler]\nlease = \"2s\"\n",
+            "scheduler.lease: 2s must be longer than profiles.redis_timeout (2s), so a claim outlives a slow Redis call",
+        ),
+        (
+            "[scheduler]\nlease = \"1s\"\n[profiles]\nredis_timeout = \"1500ms\"\n",
+            "scheduler.lease: 1s must be longer than profiles.redis_timeout (1s 500ms), so a claim outlives a slow Redis call",
+        ),
+        (
+            "[scheduler]\nbatch_size = 0\n",
+            "scheduler.batch_size: 0 is not between 1 and 10000",
+        ),
+        (
+            "[scheduler]\nbatch_size = 10001\n",
+            "scheduler.batch_size: 10001 is not between 1 and 10000",
+        ),
+    ];
+    for (toml, expected) in cases {
+        let f = file(toml);
+        let err = Config::load(Some(f.path()), &[]).unwrap_err();
+        assert_eq!(err.to_string(), expected, "{toml}");
+    }
+    let f = file("[scheduler]\nlease_time = \"1m\"\n");
+    let err = Config::load(Some(f.path()), &[]).unwrap_err().to_string();
+    assert!(err.contains("unknown field: found `lease_time`"), "{err}");
+}

@@ -1,5 +1,6 @@
 //! Handler tests through `router(..).oneshot(..)` with the in-memory store: status codes,
-//! JSON error shapes, consent filtering, clock-skew correction, auth and CORS.
+//! JSON error shapes, consent filtering, clock-skew correction, auth and CORS, and the
+//! segment reads.
 
 use std::sync::Arc;
 
@@ -9,7 +10,8 @@ use axum::http::{Request, StatusCode, header};
 use ingest::config::{Config, WriteKey};
 use ingest::store::MemoryStore;
 use ingest::{AppState, Clock, router};
-use profile_cache::EventKind;
+use profile_cache::SegmentMember;
+use profile_cache::{EventKind, ProfileId};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 use time::macros::datetime;
@@ -25,18 +27,22 @@ impl Clock for Fixed {
 }
 
 fn app() -> (Router, Arc<MemoryStore>) {
-    let store = Arc::new(MemoryStore::default());
-    let config = Config {
+    app_with(Config {
         write_keys: vec![WriteKey {
             key: "site-key".into(),
             origins: vec!["https://shop.example".into()],
         }],
         api_tokens: vec!["reader-token-1".into()],
         ..Config::default()
-    };
+    })
+}
+
+fn app_with(config: Config) -> (Router, Arc<MemoryStore>) {
+    let store = Arc::new(MemoryStore::default());
     let state = AppState {
         store: store.clone(),
         clock: Arc::new(Fixed),
+        segments: config.segments().expect("test segments compile").into(),
         config: Arc::new(config),
     };
     (router(state), store)
@@ -296,4 +302,273 @@ async fn profile_reads_need_a_valid_bearer_token() {
     let (status, body, _) = send(&app, get(Some("Bearer reader-token-1"))).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(body["error"], "not_found");
+}
+
+// ------------------------------------------------------------------ segment reads
+
+/// An app with two segments, for the segment reads.
+fn segments_app() -> (Router, Arc<MemoryStore>) {
+    app_with(Config {
+        api_tokens: vec!["reader-token-1".into()],
+        segments: vec![
+            json!({"name": "cart_abandoners_30m", "description": "Cart left for 30 minutes",
+                   "condition": {"all": [
+                       {"cart": "not_empty"},
+                       {"older_than": {"field": "cart_updated_at", "duration": "30m"}}]}}),
+            json!({"name": "vip", "condition": {"trait": {"name": "plan", "equals": "pro"}}}),
+        ],
+        ..Config::default()
+    })
+}
+
+fn member(id: &str, entered_at: OffsetDateTime, traits: &[(&str, &str)]) -> SegmentMember {
+    SegmentMember {
+        id: ProfileId::anonymous(id).unwrap(),
+        entered_at,
+        traits: traits
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    }
+}
+
+fn read(path: &str) -> Request<Body> {
+    Request::get(path)
+        .header(header::AUTHORIZATION, "Bearer reader-token-1")
+        .body(Body::empty())
+        .unwrap()
+}
+
+fn unix_ms(t: OffsetDateTime) -> i64 {
+    (t.unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+#[tokio::test]
+async fn segment_reads_need_a_valid_bearer_token() {
+    let (app, _) = segments_app();
+    for path in [
+        "/v1/segments",
+        "/v1/segments/vip/members",
+        "/v1/segments/nope/members?limit=0",
+    ] {
+        let anonymous = Request::get(path).body(Body::empty()).unwrap();
+        let (status, body, headers) = send(&app, anonymous).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}");
+        assert_eq!(body["error"], "missing_token", "{path}");
+        assert_eq!(headers[header::WWW_AUTHENTICATE], "Bearer");
+        let wrong = Request::get(path)
+            .header(header::AUTHORIZATION, "Bearer wrong-token")
+            .body(Body::empty())
+            .unwrap();
+        let (status, body, _) = send(&app, wrong).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{path}");
+        assert_eq!(body["error"], "invalid_token", "{path}");
+    }
+}
+
+#[tokio::test]
+async fn segments_are_listed_with_their_compiled_condition_and_size() {
+    let (app, store) = segments_app();
+    store.put_member("cart_abandoners_30m", member("ada", NOW, &[]));
+    store.put_member("cart_abandoners_30m", member("bob", NOW, &[]));
+    let (status, body, _) = send(&app, read("/v1/segments")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        body,
+        json!({"segments": [
+            {"name": "cart_abandoners_30m", "description": "Cart left for 30 minutes",
+             "condition": {"op": "all", "of": [
+                 {"op": "cart_not_empty"},
+                 {"op": "older_than", "field": "cart_updated_at", "ms": 1_800_000}]},
+             "size": 2},
+            {"name": "vip", "condition": {"op": "trait_in", "name": "plan", "values": ["pro"]},
+             "size": 0},
+        ]})
+    );
+}
+
+#[tokio::test]
+async fn members_come_in_pages_with_entered_at_traits_and_a_cursor() {
+    let (app, store) = segments_app();
+    let earlier = NOW - time::Duration::milliseconds(60_250);
+    let traits = [
+        ("email", "ada@example.com"),
+        ("first_name", "Ada"),
+        ("plan", "pro"),
+    ];
+    store.put_member(
+        "cart_abandoners_30m",
+        member("bob", NOW, &[("email", "bob@example.com")]),
+    );
+    store.put_member("cart_abandoners_30m", member("ada", NOW, &traits));
+    store.put_member("cart_abandoners_30m", member("cy", earlier, &[]));
+
+    let (status, first, _) = send(
+        &app,
+        read("/v1/segments/cart_abandoners_30m/members?limit=2&traits=email,first_name,phone"),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let cursor = first["next_cursor"].as_str().expect("a cursor").to_string();
+    assert_eq!(
+        first,
+        json!({"segment": "cart_abandoners_30m", "members": [
+            {"id": "a:cy", "entered_at": "2026-11-29T11:58:59.75Z",
+             "entered_at_ms": unix_ms(earlier), "traits": {}},
+            {"id": "a:ada", "entered_at": "2026-11-29T12:00:00Z", "entered_at_ms": unix_ms(NOW),
+             "traits": {"email": "ada@example.com", "first_name": "Ada"}},
+        ], "next_cursor": cursor})
+    );
+
+    let (status, second, _) = send(
+        &app,
+        read(&format!(
+            "/v1/segments/cart_abandoners_30m/members?cursor={cursor}&limit=2&traits=email"
+        )),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        second,
+        json!({"segment": "cart_abandoners_30m", "members": [
+            {"id": "a:bob", "entered_at": "2026-11-29T12:00:00Z", "entered_at_ms": unix_ms(NOW),
+             "traits": {"email": "bob@example.com"}},
+        ], "next_cursor": null})
+    );
+
+    // Defaults: from the start, up to 100, no traits; empty values count as absent.
+    let (status, all, _) = send(
+        &app,
+        read("/v1/segments/cart_abandoners_30m/members?cursor=&limit=&traits="),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let ids: Vec<&str> = all["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["a:cy", "a:ada", "a:bob"]);
+    assert_eq!(all["members"][1]["traits"], json!({}));
+    assert_eq!(all["next_cursor"], Value::Null);
+
+    // A configured segment nobody is in.
+    let (status, empty, _) = send(&app, read("/v1/segments/vip/members")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        empty,
+        json!({"segment": "vip", "members": [], "next_cursor": null})
+    );
+}
+
+#[tokio::test]
+async fn an_unknown_segment_is_404_json() {
+    let (app, _) = segments_app();
+    let (status, body, _) = send(&app, read("/v1/segments/nope/members")).await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(
+        body,
+        json!({"error": "unknown_segment", "message": "no segment named \"nope\" is configured"})
+    );
+}
+
+#[tokio::test]
+async fn bad_member_parameters_are_400_naming_the_parameter_and_the_limit() {
+    let (app, _) = segments_app();
+    let long = "x".repeat(1_025);
+    let many = (0..21)
+        .map(|i| format!("t{i}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let cases = [
+        (
+            "limit=0".to_string(),
+            json!({"error": "bad_parameter", "message": "limit: 0 is too small, use 1 to 1000",
+                   "field": "limit", "limit": 1000}),
+        ),
+        (
+            "limit=1001".into(),
+            json!({"error": "bad_parameter", "message": "limit: 1001 is too large, limit 1000",
+                   "field": "limit", "limit": 1000}),
+        ),
+        (
+            "limit=99999999999999999999999".into(),
+            json!({"error": "bad_parameter",
+                   "message": "limit: \"99999999999999999999999\" is not a whole number from 1 to 1000",
+                   "field": "limit", "limit": 1000}),
+        ),
+        (
+            "limit=-5".into(),
+            json!({"error": "bad_parameter",
+                   "message": "limit: \"-5\" is not a whole number from 1 to 1000",
+                   "field": "limit", "limit": 1000}),
+        ),
+        (
+            format!("traits={many}"),
+            json!({"error": "bad_parameter", "message": "traits: 21 names, limit 20",
+                   "field": "traits", "limit": 20}),
+        ),
+        (
+            "traits=email,,first_name".into(),
+            json!({"error": "bad_parameter", "message": "traits: name 2 is empty",
+                   "field": "traits"}),
+        ),
+        (
+            format!("traits=email,{long}"),
+            json!({"error": "bad_parameter", "message": "traits: name 2 is 1025 bytes, limit 1024",
+                   "field": "traits", "limit": 1024}),
+        ),
+        (
+            "traits=email,%20first_name".into(),
+            json!({"error": "bad_parameter",
+                   "message": "traits: name 2 \" first_name\" starts or ends with whitespace",
+                   "field": "traits"}),
+        ),
+        (
+            "traits=a%07b".into(),
+            json!({"error": "bad_parameter",
+                   "message": "traits: name 1 \"a\\u{7}b\" contains a control character",
+                   "field": "traits"}),
+        ),
+        (
+            "cursor=not-a-cursor".into(),
+            json!({"error": "bad_parameter",
+                   "message": "cursor: is not hexadecimal; pass next_cursor back as it came",
+                   "field": "cursor"}),
+        ),
+        (
+            "cursor=0100".into(),
+            json!({"error": "bad_parameter",
+                   "message": "cursor: is too short; pass next_cursor back as it came",
+                   "field": "cursor"}),
+        ),
+        (
+            "trait=email".into(),
+            json!({"error": "bad_parameter",
+                   "message": "query: trait: unknown field `trait`, expected one of `cursor`, `limit`, `traits`",
+                   "field": "query"}),
+        ),
+    ];
+    for (query, expected) in cases {
+        let (status, body, _) =
+            send(&app, read(&format!("/v1/segments/vip/members?{query}"))).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}");
+        assert_eq!(body, expected, "{query}");
+    }
+    // A trait listed twice is read once.
+    let (status, _, _) = send(&app, read("/v1/segments/vip/members?traits=email,email")).await;
+    assert_eq!(status, StatusCode::OK);
+}
+
+#[tokio::test]
+async fn segment_reads_during_a_storage_outage_are_503() {
+    let (app, store) = segments_app();
+    store.set_down(true);
+    for path in ["/v1/segments", "/v1/segments/vip/members"] {
+        let (status, body, headers) = send(&app, read(path)).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{path}");
+        assert_eq!(body["error"], "unavailable");
+        assert_eq!(headers[header::RETRY_AFTER], "1");
+    }
 }

@@ -1,5 +1,7 @@
 -- Applies the events of one batch to one profile, atomically and idempotently, and
--- re-evaluates the profile's segments in the same call.
+-- re-evaluates the profile's segments in the same call. Called without events and with a
+-- claim (ARGV 12), it only re-evaluates the segments: the scheduler's call for a profile
+-- whose deadline has come (schedule.rs).
 --
 -- KEYS: 1 profile, 2 traits, 3 counts, 4 ids, 5 viewed, 6 cat_viewed, 7 cat_bought, 8 cart,
 --       9 dedupe, 10 windows, 11 segments, 12 the event stream, 13 the transition stream,
@@ -7,12 +9,16 @@
 --       order (names: keys.rs).
 -- ARGV: 1 now (Unix ms), 2 dedupe window (ms), 3 dedupe max ids, 4 recently viewed max,
 --       5 event stream max length, 6 lifecycle new_for (ms), 7 transition stream max length,
---       8 profile id, 9 anonymous id, 10 user id, 11 session id ('' when unknown), then one
---       JSON object per event, in the client's order (script.rs, `ScriptEvent`): id (32
---       hex), kind, count (counts field), ts and received (Unix ms), items [{product,
---       category?, price, quantity}], traits [[name, text]], revenue, currency, granted /
---       denied [purpose], and event (the stream entry, stored as is).
--- Returns {applied, duplicates}.
+--       8 profile id, 9 anonymous id, 10 user id, 11 session id ('' when unknown), 12 the
+--       claim: '' for an update, else the score the caller's claim gave the profile in the
+--       schedule; then one JSON object per event, in the client's order (script.rs,
+--       `ScriptEvent`): id (32 hex), kind, count (counts field), ts and received (Unix ms),
+--       items [{product, category?, price, quantity}], traits [[name, text]], revenue,
+--       currency, granted / denied [purpose], and event (the stream entry, stored as is).
+-- Returns {applied, duplicates} for an update. An evaluation returns {'evaluated', changes},
+-- or {'superseded', 0} when the profile's schedule entry is no longer the caller's claim
+-- (an update or another scheduler has re-evaluated it since: nothing is written), or
+-- {'gone', 0} when the profile no longer exists (it leaves the schedule).
 --
 -- The configured segments are part of the script's text: script.rs (`ScriptSegments`)
 -- writes them into the `local plan` line below as a Lua table when the store is built, so
@@ -38,8 +44,11 @@ local stream_max = ARGV[5]
 local new_for = tonumber(ARGV[6])
 local transitions_max = ARGV[7]
 local profile_id, anonymous_id, user_id, session_id = ARGV[8], ARGV[9], ARGV[10], ARGV[11]
+local claim = ARGV[12]
 local plan = nil
-local FIRST_EVENT = 12
+local FIRST_EVENT = 13
+-- Why the memberships change: the events of an update, or time alone.
+local reason = claim == '' and 'event' or 'deadline'
 
 local HOUR = 3600000            -- the width of a window bucket, ms
 local LAST_TIME = 253402300799999 -- 9999-12-31T23:59:59.999Z: later deadlines are none
@@ -79,8 +88,9 @@ local expected = {
 }
 if plan then
   expected[WINDOWS], expected[SEGMENTS] = 'hash', 'hash'
-  expected[TRANSITIONS], expected[DEADLINES] = 'stream', 'zset'
+  expected[TRANSITIONS] = 'stream'
 end
+if plan or reason == 'deadline' then expected[DEADLINES] = 'zset' end
 local function wrong_type(key, want)
   local t = redis.call('TYPE', key)['ok']
   if t ~= 'none' and t ~= want then
@@ -91,6 +101,26 @@ for i = 1, FIRST_MEMBERS - 1 do
   local want = expected[KEYS[i]]
   local err = want and wrong_type(KEYS[i], want)
   if err then return err end
+end
+
+-- An evaluation goes ahead only while the caller's claim holds: the schedule entry still
+-- has the score the claim gave it. Any update of the profile since the claim has evaluated
+-- it at its own time and written the real next deadline over the claim (or removed the
+-- entry); another scheduler that took over an expired claim wrote its own score. Either
+-- way this call is stale: evaluating at its `now`, possibly earlier than the update's,
+-- could undo a change the update made, so it writes nothing. schedule.rs explains the race.
+if reason == 'deadline' then
+  local score = redis.call('ZSCORE', DEADLINES, profile_id)
+  if not score or tonumber(score) ~= tonumber(claim) then return { 'superseded', 0 } end
+  if redis.call('EXISTS', P) == 0 then
+    redis.call('ZREM', DEADLINES, profile_id)
+    return { 'gone', 0 }
+  end
+  if not plan then
+    -- No segments configured any more: nothing changes by time.
+    redis.call('ZREM', DEADLINES, profile_id)
+    return { 'evaluated', 0 }
+  end
 end
 
 local PURPOSES = { 'necessary', 'analytics', 'personalization', 'marketing' }
@@ -330,7 +360,7 @@ for _, e in ipairs(events) do
   end
 end
 
-if applied == 0 then
+if reason == 'event' and applied == 0 then
   redis.call('ZREMRANGEBYSCORE', DEDUPE, '-inf', '(' .. int(oldest_kept))
   return { 0, duplicates }
 end
@@ -472,6 +502,35 @@ end
 
 ---------------------------------------------------------------- write
 
+-- Segments first, since an evaluation writes nothing else.
+if plan then
+  for _, w in ipairs(plan.windows) do
+    for hour, n in pairs(w.added) do
+      redis.call('HINCRBY', WINDOWS, '[' .. int(hour) .. w.tail, int(n))
+    end
+  end
+  hdel(WINDOWS, stale)
+  for _, m in ipairs(moves) do
+    if m.enter then
+      redis.call('HSET', SEGMENTS, m.segment, int(now))
+      redis.call('ZADD', m.members, int(now), profile_id)
+    else
+      redis.call('HDEL', SEGMENTS, m.segment)
+      redis.call('ZREM', m.members, profile_id)
+    end
+    redis.call('XADD', TRANSITIONS, 'MAXLEN', '~', transitions_max, '*', 'profile', profile_id,
+      'segment', m.segment, 'change', m.enter and 'enter' or 'exit', 'at', int(now),
+      'reason', reason)
+  end
+  if deadline then
+    redis.call('ZADD', DEADLINES, int(deadline), profile_id)
+  else
+    redis.call('ZREM', DEADLINES, profile_id)
+  end
+end
+if reason == 'deadline' then return { 'evaluated', #moves } end
+
+-- The update's events.
 redis.call('ZREMRANGEBYSCORE', DEDUPE, '-inf', '(' .. int(oldest_kept))
 for _, e in ipairs(fresh) do
   redis.call('ZADD', DEDUPE, int(e.received), e.id)
@@ -524,31 +583,5 @@ end
 
 local kept = redis.call('ZCARD', DEDUPE)
 if kept > dedupe_max then redis.call('ZREMRANGEBYRANK', DEDUPE, 0, kept - dedupe_max - 1) end
-
-if plan then
-  for _, w in ipairs(plan.windows) do
-    for hour, n in pairs(w.added) do
-      redis.call('HINCRBY', WINDOWS, '[' .. int(hour) .. w.tail, int(n))
-    end
-  end
-  hdel(WINDOWS, stale)
-  for _, m in ipairs(moves) do
-    if m.enter then
-      redis.call('HSET', SEGMENTS, m.segment, int(now))
-      redis.call('ZADD', m.members, int(now), profile_id)
-    else
-      redis.call('HDEL', SEGMENTS, m.segment)
-      redis.call('ZREM', m.members, profile_id)
-    end
-    redis.call('XADD', TRANSITIONS, 'MAXLEN', '~', transitions_max, '*', 'profile', profile_id,
-      'segment', m.segment, 'change', m.enter and 'enter' or 'exit', 'at', int(now),
-      'reason', 'event')
-  end
-  if deadline then
-    redis.call('ZADD', DEADLINES, int(deadline), profile_id)
-  else
-    redis.call('ZREM', DEADLINES, profile_id)
-  end
-end
 
 return { applied, duplicates }

@@ -3,14 +3,20 @@
 //! The collector hands it [`ProfileUpdate`]s (the events of one batch for one profile); it
 //! applies each atomically and idempotently in one Redis round trip, appends the events to a
 //! capped stream, re-evaluates the profile's segments in the same call (memberships,
-//! transitions stream, next deadline), and reads profiles back for the API and for ESP
-//! connectors. It knows nothing of HTTP or FlatBuffers.
+//! transitions stream, next deadline), re-evaluates the profiles whose deadline has come
+//! (claimed with a lease, so that several schedulers can run), and reads profiles back for
+//! the API and for ESP connectors. It knows nothing of HTTP or FlatBuffers.
 //!
 //! - [`model`]: domain types (events, consent, profile ids, profiles).
 //! - [`keys`]: the Redis key schema, a public contract for connectors that read Redis.
 //! - [`store`]: [`RedisProfiles`], applying updates and reading profiles, and its config.
+//! - `reads` (private): segment reads for the API and connectors: sizes, and pages of
+//!   members with chosen traits behind a stable cursor ([`MemberPage`], [`MemberCursor`]).
 //! - `script` (private): the apply script `apply.lua` with the segments written in, its
 //!   arguments, and the event stream entry it writes.
+//! - [`schedule`]: the deadline schedule: claiming due profiles with a lease and
+//!   re-evaluating their segments ([`RedisProfiles::claim_due`],
+//!   [`RedisProfiles::evaluate_claimed`]).
 //! - [`lifecycle`]: lifecycle stage thresholds and the stage of a profile at a time.
 //! - [`segments`]: segment definitions, their checks, the compiled form and the reference
 //!   (from-scratch) evaluator with deadlines.
@@ -19,6 +25,8 @@
 pub mod keys;
 pub mod lifecycle;
 pub mod model;
+mod reads;
+pub mod schedule;
 mod script;
 pub mod segments;
 pub mod store;
@@ -31,4 +39,6 @@ pub use model::{
     EventKind, IdError, Item, Lifecycle, Profile, ProfileId, ProfileUpdate, Purpose,
     SegmentMembership, Value, ViewedProduct,
 };
+pub use reads::{CursorError, MemberCursor, MemberPage, MembersRequest, SegmentMember};
+pub use schedule::{Claim, Claimed, Outcome};
 pub use store::{ConfigError, ProfileConfig, RedisProfiles, StoreError};

@@ -1,6 +1,6 @@
 //! The Rust side of `apply.lua`: the script with the configured segments written in, the
-//! `KEYS` and `ARGV` of one profile update, the JSON each event travels in, and the event
-//! stream entry (a public format, see docs/KEY_SCHEMA.md).
+//! `KEYS` and `ARGV` of one profile update or of one evaluation at a deadline, the JSON each
+//! event travels in, and the event stream entry (a public format, see docs/KEY_SCHEMA.md).
 
 use std::collections::BTreeSet;
 use std::fmt::Write as _;
@@ -9,7 +9,7 @@ use serde::{Serialize, Serializer};
 use time::OffsetDateTime;
 
 use crate::keys::{self, DEADLINES, EVENT_STREAM, ProfileKeys, TRANSITION_STREAM};
-use crate::model::{ConsentMask, Event, EventKind, Item, ProfileUpdate, Purpose, Value};
+use crate::model::{ConsentMask, Event, EventKind, Item, ProfileId, ProfileUpdate, Purpose, Value};
 use crate::segments::{Predicate, Segment};
 use crate::store::ProfileConfig;
 
@@ -220,14 +220,6 @@ pub(crate) fn invocation<'s>(
     update: &ProfileUpdate,
     config: &ProfileConfig,
 ) -> Result<redis::ScriptInvocation<'s>, serde_json::Error> {
-    let mut inv = script.prepare_invoke();
-    for key in ProfileKeys::new(&update.profile).all() {
-        inv.key(key);
-    }
-    inv.key(EVENT_STREAM).key(TRANSITION_STREAM).key(DEADLINES);
-    for key in member_keys {
-        inv.key(key);
-    }
     // The update's clock: dedupe ages and the lifecycle at write are measured from the last
     // time the collector received one of its events, so replays behave like the original.
     let now = update
@@ -236,6 +228,50 @@ pub(crate) fn invocation<'s>(
         .map(|e| e.received_at)
         .max()
         .unwrap_or_else(OffsetDateTime::now_utc);
+    let mut inv = prepare(script, member_keys, &update.profile, now, config);
+    inv.arg(update.anonymous_id.as_deref().unwrap_or(""))
+        .arg(update.user_id.as_deref().unwrap_or(""))
+        .arg(update.context.session_id.as_deref().unwrap_or(""))
+        // No claim: an update.
+        .arg("");
+    let context = context_json(update);
+    for event in &update.events {
+        inv.arg(script_event(update, &context, event)?);
+    }
+    Ok(inv)
+}
+
+/// The `EVALSHA` that re-evaluates the segments of a profile the caller claimed in the
+/// schedule, with the claim's score (Unix ms), at `now`: no events, and no ids or session.
+pub(crate) fn evaluation<'s>(
+    script: &'s redis::Script,
+    member_keys: &[String],
+    profile: &ProfileId,
+    claim: i64,
+    now: OffsetDateTime,
+    config: &ProfileConfig,
+) -> redis::ScriptInvocation<'s> {
+    let mut inv = prepare(script, member_keys, profile, now, config);
+    inv.arg("").arg("").arg("").arg(claim);
+    inv
+}
+
+/// The keys and the arguments up to the profile id, which updates and evaluations share.
+fn prepare<'s>(
+    script: &'s redis::Script,
+    member_keys: &[String],
+    profile: &ProfileId,
+    now: OffsetDateTime,
+    config: &ProfileConfig,
+) -> redis::ScriptInvocation<'s> {
+    let mut inv = script.prepare_invoke();
+    for key in ProfileKeys::new(profile).all() {
+        inv.key(key);
+    }
+    inv.key(EVENT_STREAM).key(TRANSITION_STREAM).key(DEADLINES);
+    for key in member_keys {
+        inv.key(key);
+    }
     inv.arg(millis(now))
         .arg(duration_millis(config.dedupe_window))
         .arg(config.dedupe_max_ids)
@@ -243,15 +279,8 @@ pub(crate) fn invocation<'s>(
         .arg(config.event_stream_max_len)
         .arg(duration_millis(config.lifecycle.new_for))
         .arg(config.transition_stream_max_len)
-        .arg(update.profile.as_str())
-        .arg(update.anonymous_id.as_deref().unwrap_or(""))
-        .arg(update.user_id.as_deref().unwrap_or(""))
-        .arg(update.context.session_id.as_deref().unwrap_or(""));
-    let context = context_json(update);
-    for event in &update.events {
-        inv.arg(script_event(update, &context, event)?);
-    }
-    Ok(inv)
+        .arg(profile.as_str());
+    inv
 }
 
 fn duration_millis(d: std::time::Duration) -> u64 {

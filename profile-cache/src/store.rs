@@ -196,11 +196,11 @@ fn is_noscript(e: &RedisError) -> bool {
 /// clones share the connection, which reconnects by itself after Redis comes back.
 #[derive(Clone)]
 pub struct RedisProfiles {
-    conn: ConnectionManager,
-    config: ProfileConfig,
-    script: Arc<redis::Script>,
+    pub(crate) conn: ConnectionManager,
+    pub(crate) config: ProfileConfig,
+    pub(crate) script: Arc<redis::Script>,
     /// The segments' member set keys, in the script's order.
-    member_keys: Arc<[String]>,
+    pub(crate) member_keys: Arc<[String]>,
 }
 
 impl std::fmt::Debug for RedisProfiles {
@@ -260,7 +260,8 @@ impl RedisProfiles {
     /// Evaluates `segments` on every update from now on (none by default): each update
     /// re-evaluates every segment for its profile in the same script call, keeps the
     /// memberships, appends changes to `stream:transitions` and schedules the profile's
-    /// next deadline (docs/KEY_SCHEMA.md). The segments are written into the apply script
+    /// next deadline (docs/KEY_SCHEMA.md); [`RedisProfiles::evaluate_claimed`] evaluates
+    /// the same segments at deadlines. The segments are written into the apply script
     /// (`script.rs`), which is loaded here.
     ///
     /// # Errors

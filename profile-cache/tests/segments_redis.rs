@@ -1,8 +1,10 @@
 //! Segments evaluated by the apply script against real, throwaway redis-server processes:
 //! every condition type entering and leaving through `apply`, the membership keys, the
-//! transition stream, the deadline schedule, window buckets, and a property test that the
-//! script agrees with the reference evaluator (`Predicate::evaluate`). Time comes from the
-//! events (`received_at` is the script's `now`), never from the wall clock.
+//! transition stream, the deadline schedule, window buckets, the scheduler's claims and its
+//! evaluations at deadlines (leases, concurrent schedulers, updates racing a claim), and a
+//! property test that the script, updated and evaluated at each deadline, agrees with the
+//! reference evaluator (`Predicate::evaluate`). Time comes from the events (`received_at`
+//! is the script's `now`) or the claims' `now`, never from the wall clock.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -14,8 +16,8 @@ use profile_cache::segments::{
 use profile_cache::testing::RedisServer;
 use profile_cache::{
     ApplyReport, ConsentChange, ConsentMask, Context, Event, EventKind, Item, LifecycleThresholds,
-    Profile, ProfileConfig, ProfileId, ProfileUpdate, Purpose, RedisProfiles, SegmentMembership,
-    StoreError, Value,
+    Outcome, Profile, ProfileConfig, ProfileId, ProfileUpdate, Purpose, RedisProfiles,
+    SegmentMembership, StoreError, Value,
 };
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
@@ -35,6 +37,13 @@ fn minutes(n: i64) -> time::Duration {
 fn ms(t: OffsetDateTime) -> i64 {
     (t.unix_timestamp_nanos() / 1_000_000) as i64
 }
+
+fn from_ms(ms: i64) -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).unwrap()
+}
+
+/// The lease of the tests' claims.
+const LEASE: std::time::Duration = std::time::Duration::from_secs(60);
 
 #[derive(serde::Deserialize)]
 struct Tables {
@@ -122,12 +131,23 @@ fn update(profile: &ProfileId, events: Vec<Event>) -> ProfileUpdate {
 type Transition = Vec<(String, String)>;
 
 fn transition(profile: &str, segment: &str, change: &str, at: OffsetDateTime) -> Transition {
+    transition_because(profile, segment, change, at, "event")
+}
+
+/// A transition written for `reason`: `event` (an update) or `deadline` (an evaluation).
+fn transition_because(
+    profile: &str,
+    segment: &str,
+    change: &str,
+    at: OffsetDateTime,
+    reason: &str,
+) -> Transition {
     [
         ("profile", profile.to_string()),
         ("segment", segment.to_string()),
         ("change", change.to_string()),
         ("at", ms(at).to_string()),
-        ("reason", "event".to_string()),
+        ("reason", reason.to_string()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
@@ -972,9 +992,19 @@ fn input(p: &Profile, applied: &[Event]) -> SegmentInput {
     input
 }
 
-/// Applies the batches one by one; after each, the memberships in Redis must be the
-/// reference's at the script's `now` (the batch's receive time), the new transitions exactly
-/// the changes, every key agree, and the deadline come no later than the reference's.
+/// What the script should have written so far: memberships (segment to entered-at) and the
+/// last transition read.
+struct Written {
+    members: BTreeMap<String, i64>,
+    stream_id: String,
+}
+
+/// Applies the batches one by one and, between two batches, evaluates the profile at each
+/// deadline the script scheduled before the next one, as the scheduler does (claim, then
+/// evaluate at the deadline). After each call the memberships in Redis must be the
+/// reference's at the call's `now`, the new transitions exactly the changes (reason `event`
+/// or `deadline`), every key agree, and the deadline come after `now` and no later than the
+/// reference's.
 async fn agrees(
     redis: &RedisServer,
     segments: &[Segment],
@@ -984,12 +1014,40 @@ async fn agrees(
     let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
     let store = store(redis, segments).await;
     let id = anon("p");
-    let (mut received, mut next_id, mut stream_id) = (NOW, 0_u128, "0".to_string());
+    let (mut received, mut next_id) = (NOW, 0_u128);
     let mut applied: Vec<Event> = Vec::new();
     let mut previous: Option<ProfileUpdate> = None;
-    let mut members: BTreeMap<String, i64> = BTreeMap::new();
+    let mut written = Written {
+        members: BTreeMap::new(),
+        stream_id: "0".into(),
+    };
     for b in batches {
-        received += minutes(b.gap);
+        let next = received + minutes(b.gap);
+        let mut rounds = 0;
+        while let Some(due) = deadline(&mut conn, &id).await.filter(|&d| d < ms(next)) {
+            rounds += 1;
+            prop_assert!(rounds <= 200, "deadlines stopped advancing at {}", due);
+            let at = from_ms(due);
+            let claimed = store.claim_due(at, LEASE, 10).await.unwrap();
+            prop_assert_eq!(claimed.claims.len(), 1);
+            let outcomes = store.evaluate_claimed(&claimed.claims, at).await.unwrap();
+            let changes = match outcomes[..] {
+                [Ok(Outcome::Evaluated { changes })] => changes,
+                _ => return Err(TestCaseError::fail(format!("{outcomes:?}"))),
+            };
+            let expected = check(
+                &store,
+                &mut conn,
+                segments,
+                &applied,
+                at,
+                "deadline",
+                &mut written,
+            )
+            .await?;
+            prop_assert_eq!(changes, expected);
+        }
+        received = next;
         let mut u = match (&previous, b.retry) {
             (Some(p), true) => p.clone(),
             _ => update(&id, events(b, received, &mut next_id)),
@@ -999,77 +1057,96 @@ async fn agrees(
         }
         u.context.session_id = Some(b.session.into());
         let report = store.apply(std::slice::from_ref(&u)).await.unwrap();
-        let fresh = report.applied > 0;
         if b.retry && previous.is_some() {
             prop_assert_eq!(report.applied, 0, "a retry applies nothing");
+            let (new_transitions, _) = transitions_after(&mut conn, &written.stream_id).await;
+            prop_assert_eq!(new_transitions, Vec::<Transition>::new());
         } else {
             prop_assert_eq!(report.applied as usize, u.events.len());
             applied.extend(u.events.iter().cloned());
+            check(
+                &store,
+                &mut conn,
+                segments,
+                &applied,
+                received,
+                "event",
+                &mut written,
+            )
+            .await?;
         }
         previous = Some(u);
-
-        let p = store.profile(&id, received).await.unwrap().unwrap();
-        let reference = input(&p, &applied);
-        let (new_transitions, last) = transitions_after(&mut conn, &stream_id).await;
-        stream_id = last;
-        if !fresh {
-            prop_assert_eq!(new_transitions, Vec::<Transition>::new());
-            continue;
-        }
-        let mut expected_transitions = Vec::new();
-        let mut earliest: Option<i64> = None;
-        for s in segments {
-            let e = s.evaluate(&reference, received);
-            if let Some(d) = e.deadline {
-                earliest = Some(earliest.map_or(ms(d), |t: i64| t.min(ms(d))));
-            }
-            match (e.member, members.contains_key(&s.name)) {
-                (true, false) => {
-                    members.insert(s.name.clone(), ms(received));
-                    expected_transitions.push(transition("a:p", &s.name, "enter", received));
-                }
-                (false, true) => {
-                    members.remove(&s.name);
-                    expected_transitions.push(transition("a:p", &s.name, "exit", received));
-                }
-                _ => {}
-            }
-        }
-        prop_assert_eq!(&memberships(&mut conn, &id).await, &members);
-        prop_assert_eq!(new_transitions, expected_transitions);
-        for s in segments {
-            let set = self::members(&mut conn, &s.name).await;
-            let want: Vec<(String, i64)> = members
-                .get(&s.name)
-                .map(|t| ("a:p".to_string(), *t))
-                .into_iter()
-                .collect();
-            prop_assert_eq!(set, want, "members of {}", s.name);
-        }
-        let listed: Vec<&str> = p.segments.iter().map(|m| m.name.as_str()).collect();
-        prop_assert_eq!(
-            listed,
-            members.keys().map(String::as_str).collect::<Vec<_>>()
-        );
-        let scheduled = deadline(&mut conn, &id).await;
-        if let Some(t) = scheduled {
-            prop_assert!(
-                t > ms(received),
-                "deadline {} not after now {}",
-                t,
-                ms(received)
-            );
-        }
-        if let Some(exact) = earliest {
-            prop_assert!(
-                scheduled.is_some_and(|t| t <= exact),
-                "deadline {:?} later than the reference's {}",
-                scheduled,
-                exact
-            );
-        }
     }
     Ok(())
+}
+
+/// Compares what Redis holds for profile `a:p` after a call at `now` with the reference
+/// evaluation of the events `applied`, and updates `written`. Returns the number of changes.
+async fn check(
+    store: &RedisProfiles,
+    conn: &mut MultiplexedConnection,
+    segments: &[Segment],
+    applied: &[Event],
+    now: OffsetDateTime,
+    reason: &str,
+    written: &mut Written,
+) -> Result<u64, TestCaseError> {
+    let id = anon("p");
+    let p = store.profile(&id, now).await.unwrap().unwrap();
+    let reference = input(&p, applied);
+    let (new_transitions, last) = transitions_after(conn, &written.stream_id).await;
+    written.stream_id = last;
+    let members = &mut written.members;
+    let mut expected_transitions = Vec::new();
+    let mut earliest: Option<i64> = None;
+    for s in segments {
+        let e = s.evaluate(&reference, now);
+        if let Some(d) = e.deadline {
+            earliest = Some(earliest.map_or(ms(d), |t: i64| t.min(ms(d))));
+        }
+        let change = match (e.member, members.contains_key(&s.name)) {
+            (true, false) => {
+                members.insert(s.name.clone(), ms(now));
+                "enter"
+            }
+            (false, true) => {
+                members.remove(&s.name);
+                "exit"
+            }
+            _ => continue,
+        };
+        expected_transitions.push(transition_because("a:p", &s.name, change, now, reason));
+    }
+    prop_assert_eq!(&memberships(conn, &id).await, &*members);
+    let changes = expected_transitions.len() as u64;
+    prop_assert_eq!(new_transitions, expected_transitions);
+    for s in segments {
+        let set = self::members(conn, &s.name).await;
+        let want: Vec<(String, i64)> = members
+            .get(&s.name)
+            .map(|t| ("a:p".to_string(), *t))
+            .into_iter()
+            .collect();
+        prop_assert_eq!(set, want, "members of {}", s.name);
+    }
+    let listed: Vec<&str> = p.segments.iter().map(|m| m.name.as_str()).collect();
+    prop_assert_eq!(
+        listed,
+        members.keys().map(String::as_str).collect::<Vec<_>>()
+    );
+    let scheduled = deadline(conn, &id).await;
+    if let Some(t) = scheduled {
+        prop_assert!(t > ms(now), "deadline {} not after now {}", t, ms(now));
+    }
+    if let Some(exact) = earliest {
+        prop_assert!(
+            scheduled.is_some_and(|t| t <= exact),
+            "deadline {:?} later than the reference's {}",
+            scheduled,
+            exact
+        );
+    }
+    Ok(changes)
 }
 
 #[test]
@@ -1115,4 +1192,435 @@ async fn window_fields_spell_event_names_as_json() {
         memberships(&mut conn, &id).await,
         BTreeMap::from([("quoted".to_string(), ms(NOW))])
     );
+}
+
+// ------------------------------------------------------------------ claims and deadlines
+
+/// Claims what is due at `now` and evaluates it at `now`: one scheduler round.
+async fn round(store: &RedisProfiles, now: OffsetDateTime) -> Vec<(String, Outcome)> {
+    let claimed = store.claim_due(now, LEASE, 100).await.unwrap();
+    let outcomes = store.evaluate_claimed(&claimed.claims, now).await.unwrap();
+    claimed
+        .claims
+        .iter()
+        .zip(outcomes)
+        .map(|(c, o)| (c.profile().to_string(), o.unwrap()))
+        .collect()
+}
+
+fn evaluated(profile: &str, changes: u64) -> (String, Outcome) {
+    (profile.to_string(), Outcome::Evaluated { changes })
+}
+
+async fn schedule(conn: &mut MultiplexedConnection) -> Vec<(String, i64)> {
+    conn.zrange_withscores("schedule:deadlines", 0, -1)
+        .await
+        .unwrap()
+}
+
+const CART_30M: &str = r#"
+[[segments]]
+name = "cart_abandoners_30m"
+condition = { all = [
+  { cart = "not_empty" },
+  { older_than = { field = "cart_updated_at", duration = "30m" } },
+  { no_order_since = "cart_updated_at" },
+] }
+"#;
+
+#[tokio::test]
+async fn a_due_profile_is_evaluated_at_its_deadline_with_reason_deadline() {
+    let redis = RedisServer::start().unwrap();
+    let store = store(&redis, &segments(CART_30M)).await;
+    let mut conn = raw(&redis).await;
+    let id = anon("v1");
+    store
+        .apply(&[update(&id, vec![cart(1, EventKind::CartAdd, 0, 0)])])
+        .await
+        .unwrap();
+    assert_eq!(
+        schedule(&mut conn).await,
+        [("a:v1".to_string(), ms(at(30)))]
+    );
+
+    // A millisecond early: nothing is due, and the schedule says when something will be.
+    let early = at(30) - time::Duration::milliseconds(1);
+    let claimed = store.claim_due(early, LEASE, 100).await.unwrap();
+    assert_eq!(claimed.claims, []);
+    assert_eq!(claimed.next_due, Some(at(30)));
+
+    let claimed = store.claim_due(at(30), LEASE, 100).await.unwrap();
+    let [claim] = &claimed.claims[..] else {
+        panic!("{claimed:?}")
+    };
+    assert_eq!(claim.profile(), "a:v1");
+    assert_eq!(claim.until(), at(31));
+    assert_eq!(
+        claimed.next_due,
+        Some(at(31)),
+        "the claim is the earliest score"
+    );
+    let outcomes = store
+        .evaluate_claimed(&claimed.claims, at(30))
+        .await
+        .unwrap();
+    assert!(
+        matches!(outcomes[..], [Ok(Outcome::Evaluated { changes: 1 })]),
+        "{outcomes:?}"
+    );
+
+    assert_eq!(
+        transitions(&mut conn).await,
+        [transition_because(
+            "a:v1",
+            "cart_abandoners_30m",
+            "enter",
+            at(30),
+            "deadline"
+        )]
+    );
+    assert_eq!(
+        memberships(&mut conn, &id).await,
+        BTreeMap::from([("cart_abandoners_30m".to_string(), ms(at(30)))])
+    );
+    assert_eq!(
+        members(&mut conn, "cart_abandoners_30m").await,
+        [("a:v1".to_string(), ms(at(30)))]
+    );
+    // An abandoned cart stays abandoned until an event: nothing left to wait for.
+    assert_eq!(schedule(&mut conn).await, []);
+    // The evaluation left the profile itself as it was.
+    let p = store.profile(&id, at(30)).await.unwrap().unwrap();
+    assert_eq!((p.events, p.last_seen), (1, NOW));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_schedulers_claim_and_evaluate_each_due_profile_once() {
+    const PROFILES: usize = 300;
+    let redis = RedisServer::start().unwrap();
+    let cart_segments = segments(CART_30M);
+    let a = store(&redis, &cart_segments).await;
+    let b = store(&redis, &cart_segments).await;
+    let mut conn = raw(&redis).await;
+    let ids: Vec<ProfileId> = (0..PROFILES).map(|i| anon(&format!("v{i}"))).collect();
+    for chunk in ids.chunks(50) {
+        let updates: Vec<ProfileUpdate> = chunk
+            .iter()
+            .map(|id| update(id, vec![cart(1, EventKind::CartAdd, 0, 0)]))
+            .collect();
+        a.apply(&updates).await.unwrap();
+    }
+
+    // Both run rounds of 7 at once until nothing is due.
+    async fn scheduler(store: RedisProfiles) -> Vec<(String, Outcome)> {
+        let mut done = Vec::new();
+        for _ in 0..PROFILES {
+            let claimed = store.claim_due(at(30), LEASE, 7).await.unwrap();
+            if claimed.claims.is_empty() {
+                return done;
+            }
+            let outcomes = store.evaluate_claimed(&claimed.claims, at(30)).await;
+            for (c, o) in claimed.claims.iter().zip(outcomes.unwrap()) {
+                done.push((c.profile().to_string(), o.unwrap()));
+            }
+        }
+        panic!("profiles still due after {PROFILES} rounds");
+    }
+    let (by_a, by_b) = tokio::join!(tokio::spawn(scheduler(a)), tokio::spawn(scheduler(b)));
+    let (by_a, by_b) = (by_a.unwrap(), by_b.unwrap());
+
+    assert_eq!(by_a.len() + by_b.len(), PROFILES, "claimed once each");
+    let mut all: Vec<(String, Outcome)> = by_a.into_iter().chain(by_b).collect();
+    all.sort_by(|x, y| x.0.cmp(&y.0));
+    let mut expected: Vec<(String, Outcome)> =
+        ids.iter().map(|id| evaluated(id.as_str(), 1)).collect();
+    expected.sort_by(|x, y| x.0.cmp(&y.0));
+    assert_eq!(all, expected);
+
+    let mut entered: Vec<Transition> = transitions(&mut conn).await;
+    entered.sort();
+    let mut want: Vec<Transition> = ids
+        .iter()
+        .map(|id| {
+            transition_because(
+                id.as_str(),
+                "cart_abandoners_30m",
+                "enter",
+                at(30),
+                "deadline",
+            )
+        })
+        .collect();
+    want.sort();
+    assert_eq!(entered, want);
+    assert_eq!(schedule(&mut conn).await, []);
+}
+
+#[tokio::test]
+async fn a_claim_holds_for_its_lease_then_another_scheduler_takes_the_profile_over() {
+    let redis = RedisServer::start().unwrap();
+    let first = store(&redis, &segments(CART_30M)).await;
+    let second = store(&redis, &segments(CART_30M)).await;
+    let mut conn = raw(&redis).await;
+    first
+        .apply(&[update(&anon("v1"), vec![cart(1, EventKind::CartAdd, 0, 0)])])
+        .await
+        .unwrap();
+
+    // The first scheduler claims the profile, then stalls (or dies) before evaluating it.
+    let stalled = first.claim_due(at(30), LEASE, 100).await.unwrap();
+    assert_eq!(stalled.claims.len(), 1);
+    let just_before = at(31) - time::Duration::milliseconds(1);
+    let claimed = second.claim_due(just_before, LEASE, 100).await.unwrap();
+    assert_eq!(claimed.claims, [], "claimed until the lease ends");
+    assert_eq!(claimed.next_due, Some(at(31)));
+
+    // At the end of the lease the second scheduler takes it.
+    let taken = second.claim_due(at(31), LEASE, 100).await.unwrap();
+    assert_eq!(taken.claims.len(), 1);
+    assert_eq!(taken.claims[0].until(), at(32));
+    // The first one wakes up: its claim is no longer the profile's, so it writes nothing.
+    let late = first
+        .evaluate_claimed(&stalled.claims, at(30))
+        .await
+        .unwrap();
+    assert!(matches!(late[..], [Ok(Outcome::Superseded)]), "{late:?}");
+    assert_eq!(transitions(&mut conn).await, Vec::<Transition>::new());
+    assert_eq!(
+        schedule(&mut conn).await,
+        [("a:v1".to_string(), ms(at(32)))]
+    );
+
+    let done = second
+        .evaluate_claimed(&taken.claims, at(31))
+        .await
+        .unwrap();
+    assert!(
+        matches!(done[..], [Ok(Outcome::Evaluated { changes: 1 })]),
+        "{done:?}"
+    );
+    assert_eq!(
+        transitions(&mut conn).await,
+        [transition_because(
+            "a:v1",
+            "cart_abandoners_30m",
+            "enter",
+            at(31),
+            "deadline"
+        )]
+    );
+    assert_eq!(schedule(&mut conn).await, []);
+}
+
+#[tokio::test]
+async fn an_update_while_a_profile_is_claimed_wins_and_no_deadline_is_lost() {
+    let redis = RedisServer::start().unwrap();
+    // Two segments whose deadlines are a second apart.
+    let toml = r#"
+        [[segments]]
+        name = "cart_30m"
+        condition = { older_than = { field = "cart_updated_at", duration = "30m" } }
+        [[segments]]
+        name = "cart_30m_1s"
+        condition = { older_than = { field = "cart_updated_at", duration = "30m 1s" } }
+    "#;
+    let store = store(&redis, &segments(toml)).await;
+    let mut conn = raw(&redis).await;
+    let second = time::Duration::SECOND;
+
+    // 1. Claimed at 30m; a page view received at 30m 2s evaluates the profile first, past
+    //    both deadlines. The scheduler's evaluation at 30m would take the visitor out of
+    //    cart_30m_1s again; it writes nothing.
+    let v1 = anon("v1");
+    store
+        .apply(&[update(&v1, vec![cart(1, EventKind::CartAdd, 0, 0)])])
+        .await
+        .unwrap();
+    let claimed = store.claim_due(at(30), LEASE, 100).await.unwrap();
+    let mut page = kind(2, EventKind::Page, 30);
+    page.received_at += 2 * second;
+    store.apply(&[update(&v1, vec![page])]).await.unwrap();
+    let outcomes = store
+        .evaluate_claimed(&claimed.claims, at(30))
+        .await
+        .unwrap();
+    assert!(
+        matches!(outcomes[..], [Ok(Outcome::Superseded)]),
+        "{outcomes:?}"
+    );
+    let late = at(30) + 2 * second;
+    assert_eq!(
+        transitions(&mut conn).await,
+        [
+            transition("a:v1", "cart_30m", "enter", late),
+            transition("a:v1", "cart_30m_1s", "enter", late),
+        ]
+    );
+    assert_eq!(schedule(&mut conn).await, []);
+
+    // 2. Claimed at 30m; the visitor changes the cart at that moment, which moves the
+    //    deadline to 60m. The update's deadline stands and fires then.
+    let v2 = anon("v2");
+    store
+        .apply(&[update(&v2, vec![cart(3, EventKind::CartAdd, 0, 0)])])
+        .await
+        .unwrap();
+    let claimed = store.claim_due(at(30), LEASE, 100).await.unwrap();
+    store
+        .apply(&[update(&v2, vec![cart(4, EventKind::CartAdd, 30, 0)])])
+        .await
+        .unwrap();
+    let outcomes = store
+        .evaluate_claimed(&claimed.claims, at(30))
+        .await
+        .unwrap();
+    assert!(
+        matches!(outcomes[..], [Ok(Outcome::Superseded)]),
+        "{outcomes:?}"
+    );
+    assert_eq!(
+        schedule(&mut conn).await,
+        [("a:v2".to_string(), ms(at(60)))]
+    );
+    assert_eq!(round(&store, at(59)).await, []);
+    assert_eq!(round(&store, at(60)).await, [evaluated("a:v2", 1)]);
+    assert_eq!(round(&store, at(60) + second).await, [evaluated("a:v2", 1)]);
+
+    // 3. Claimed at 30m; an update from a collector whose clock is a second behind
+    //    schedules the deadline it has not reached yet: due already, so the next round
+    //    evaluates it.
+    let v3 = anon("v3");
+    store
+        .apply(&[update(&v3, vec![cart(5, EventKind::CartAdd, 0, 0)])])
+        .await
+        .unwrap();
+    let claimed = store.claim_due(at(30), LEASE, 100).await.unwrap();
+    let mut page = kind(6, EventKind::Page, 30);
+    page.received_at -= second;
+    store.apply(&[update(&v3, vec![page])]).await.unwrap();
+    let outcomes = store
+        .evaluate_claimed(&claimed.claims, at(30))
+        .await
+        .unwrap();
+    assert!(
+        matches!(outcomes[..], [Ok(Outcome::Superseded)]),
+        "{outcomes:?}"
+    );
+    assert_eq!(
+        schedule(&mut conn).await,
+        [("a:v3".to_string(), ms(at(30)))]
+    );
+    assert_eq!(round(&store, at(30)).await, [evaluated("a:v3", 1)]);
+
+    let mine = |who: &str, all: Vec<Transition>| -> Vec<Transition> {
+        all.into_iter().filter(|t| t[0].1 == who).collect()
+    };
+    assert_eq!(
+        mine("a:v2", transitions(&mut conn).await),
+        [
+            transition_because("a:v2", "cart_30m", "enter", at(60), "deadline"),
+            transition_because("a:v2", "cart_30m_1s", "enter", at(60) + second, "deadline"),
+        ]
+    );
+    assert_eq!(
+        mine("a:v3", transitions(&mut conn).await),
+        [transition_because(
+            "a:v3",
+            "cart_30m",
+            "enter",
+            at(30),
+            "deadline"
+        )]
+    );
+    // cart_30m_1s is a second later: the next deadline of v3.
+    assert_eq!(
+        schedule(&mut conn).await,
+        [("a:v3".to_string(), ms(at(30) + second))]
+    );
+}
+
+#[tokio::test]
+async fn a_deleted_profile_leaves_the_schedule() {
+    let redis = RedisServer::start().unwrap();
+    let store = store(&redis, &segments(CART_30M)).await;
+    let mut conn = raw(&redis).await;
+    let id = anon("v1");
+    store
+        .apply(&[update(&id, vec![cart(1, EventKind::CartAdd, 0, 0)])])
+        .await
+        .unwrap();
+    let keys: Vec<String> = conn.keys("profile:{a:v1}*").await.unwrap();
+    let _: () = conn.del(keys).await.unwrap();
+
+    assert_eq!(
+        round(&store, at(30)).await,
+        [("a:v1".to_string(), Outcome::Gone)]
+    );
+    assert_eq!(schedule(&mut conn).await, []);
+    assert_eq!(transitions(&mut conn).await, Vec::<Transition>::new());
+    let left: Vec<String> = conn.keys("profile:{a:v1}*").await.unwrap();
+    assert_eq!(left, Vec::<String>::new(), "nothing written for it");
+}
+
+#[tokio::test]
+async fn a_profile_that_cannot_be_evaluated_keeps_its_claim_until_the_lease_ends() {
+    let redis = RedisServer::start().unwrap();
+    let store = store(&redis, &segments(CART_30M)).await;
+    let mut conn = raw(&redis).await;
+    store
+        .apply(&[update(&anon("v1"), vec![cart(1, EventKind::CartAdd, 0, 0)])])
+        .await
+        .unwrap();
+    let _: () = conn
+        .hset("profile:{a:v1}", "cart_updated_at", "later")
+        .await
+        .unwrap();
+    // A member no collector writes.
+    let _: () = conn
+        .zadd("schedule:deadlines", "nobody", ms(at(30)))
+        .await
+        .unwrap();
+
+    let claimed = store.claim_due(at(30), LEASE, 100).await.unwrap();
+    let outcomes = store
+        .evaluate_claimed(&claimed.claims, at(30))
+        .await
+        .unwrap();
+    let errors: Vec<(String, String)> = claimed
+        .claims
+        .iter()
+        .zip(outcomes)
+        .map(|(c, o)| (c.profile().to_string(), o.unwrap_err().to_string()))
+        .collect();
+    assert_eq!(
+        errors,
+        [
+            (
+                "a:v1".to_string(),
+                r#"corrupt data in profile:{a:v1} field cart_updated_at: "later" is not an integer"#
+                    .to_string()
+            ),
+            (
+                "nobody".to_string(),
+                "corrupt data in schedule:deadlines field nobody: is not a profile id".to_string()
+            ),
+        ]
+    );
+    // Both keep their claims: not due again until the lease ends, then claimed again.
+    assert_eq!(
+        schedule(&mut conn).await,
+        [
+            ("a:v1".to_string(), ms(at(31))),
+            ("nobody".to_string(), ms(at(31))),
+        ]
+    );
+    let soon = store
+        .claim_due(at(30) + time::Duration::SECOND, LEASE, 100)
+        .await
+        .unwrap();
+    assert_eq!(soon.claims, []);
+    let again = store.claim_due(at(31), LEASE, 100).await.unwrap();
+    let again: Vec<&str> = again.claims.iter().map(|c| c.profile()).collect();
+    assert_eq!(again, ["a:v1", "nobody"]);
+    assert_eq!(transitions(&mut conn).await, Vec::<Transition>::new());
 }

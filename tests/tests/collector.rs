@@ -390,13 +390,17 @@ fn demo_segments() -> String {
     )
 }
 
-/// `(segment, change, at)` of each `stream:transitions` entry of `profile`, in order.
-fn transitions(redis: &RedisServer, profile: &str) -> Vec<(String, String, i64)> {
+/// `(segment, change, at, reason)` of each `stream:transitions` entry of `profile`, in order.
+fn transitions(redis: &RedisServer, profile: &str) -> Vec<(String, String, i64, String)> {
     let entries = redis_json(
         redis.port(),
         "return cjson.encode(redis.call('XRANGE', 'stream:transitions', '-', '+'))",
     );
     let mut found = Vec::new();
+    // cjson encodes an empty Lua table as an object.
+    if entries == json!({}) {
+        return found;
+    }
     for entry in entries.as_array().unwrap() {
         let fields: Vec<&str> = entry[1]
             .as_array()
@@ -414,13 +418,18 @@ fn transitions(redis: &RedisServer, profile: &str) -> Vec<(String, String, i64)>
             "at",
             at,
             "reason",
-            "event",
+            reason,
         ] = fields[..]
         else {
             panic!("unexpected transition {fields:?}");
         };
         if p == profile {
-            found.push((segment.to_string(), change.to_string(), at.parse().unwrap()));
+            found.push((
+                segment.to_string(),
+                change.to_string(),
+                at.parse().unwrap(),
+                reason.to_string(),
+            ));
         }
     }
     found
@@ -441,13 +450,16 @@ fn an_abandoned_cart_enters_the_segment_and_the_transition_is_on_the_stream() {
     let after = now_ms();
 
     let entered = transitions(&redis, "a:visitor-7");
-    let names: Vec<(&str, &str)> = entered
+    let names: Vec<(&str, &str, &str)> = entered
         .iter()
-        .map(|(s, c, _)| (s.as_str(), c.as_str()))
+        .map(|(s, c, _, r)| (s.as_str(), c.as_str(), r.as_str()))
         .collect();
     assert_eq!(
         names,
-        [("cart_abandoners_30m", "enter"), ("lifecycle_new", "enter")]
+        [
+            ("cart_abandoners_30m", "enter", "event"),
+            ("lifecycle_new", "enter", "event")
+        ]
     );
     let at = entered[0].2;
     assert!(
@@ -472,7 +484,7 @@ fn an_abandoned_cart_enters_the_segment_and_the_transition_is_on_the_stream() {
     }
     let changes: Vec<(String, String)> = transitions(&redis, "a:visitor-7")
         .into_iter()
-        .map(|(s, c, _)| (s, c))
+        .map(|(s, c, _, _)| (s, c))
         .collect();
     let pairs: Vec<(&str, &str)> = changes
         .iter()
@@ -496,6 +508,62 @@ fn an_abandoned_cart_enters_the_segment_and_the_transition_is_on_the_stream() {
         .map(|m| m["name"].as_str().unwrap())
         .collect();
     assert_eq!(listed, ["lifecycle_new", "recent_buyers"]);
+}
+
+#[test]
+fn an_abandoned_cart_enters_the_segment_at_its_deadline_through_the_scheduler() {
+    // The demo's 30 minutes, shortened to 2 seconds of real time: the collector's scheduler
+    // runs on the system clock, with its default settings.
+    let segments = r#"
+[[segments]]
+name = "cart_abandoners_2s"
+condition = { all = [
+  { cart = "not_empty" },
+  { older_than = { field = "cart_updated_at", duration = "2s" } },
+  { no_order_since = "cart_updated_at" },
+] }
+"#;
+    let redis = RedisServer::start().unwrap();
+    let ingest = Ingest::start_with(&redis.url(), segments);
+    let mut add = ev(1, wire::EventKind::CartAdd);
+    add.items = vec![item("sku-1", "shoes", 5_000, 1)];
+    let (status, _) = json(post(&ingest, wire::encode(&batch("visitor-8", vec![add]))));
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(transitions(&redis, "a:visitor-8"), []);
+    let cart_updated_at: i64 = redis_json(
+        redis.port(),
+        "return cjson.encode(redis.call('HGET', 'profile:{a:visitor-8}', 'cart_updated_at'))",
+    )
+    .as_str()
+    .unwrap()
+    .parse()
+    .unwrap();
+    let deadline = cart_updated_at + 2_000;
+
+    let mut entered = Vec::new();
+    while entered.is_empty() && now_ms() < deadline + 3_000 {
+        std::thread::sleep(Duration::from_millis(20));
+        entered = transitions(&redis, "a:visitor-8");
+    }
+    let [(segment, change, at, reason)] = &entered[..] else {
+        panic!("expected one transition, found {entered:?}");
+    };
+    assert_eq!(
+        (segment.as_str(), change.as_str(), reason.as_str()),
+        ("cart_abandoners_2s", "enter", "deadline")
+    );
+    assert!(
+        (deadline..deadline + 1_000).contains(at),
+        "entered at {at}, {} ms after the deadline {deadline}",
+        at - deadline
+    );
+    let (_, p) = profile(&ingest, "visitor-8");
+    assert_eq!(p["segments"][0]["name"], "cart_abandoners_2s");
+    let scheduled = redis_json(
+        redis.port(),
+        "return cjson.encode(redis.call('ZRANGE', 'schedule:deadlines', 0, -1))",
+    );
+    assert_eq!(scheduled, json!({}), "nothing left to wait for");
 }
 
 #[test]
