@@ -126,6 +126,7 @@ async fn collect(
     let prepared = pipeline::prepare(batch, received_at).map_err(|e| ApiError::BadIdentity {
         field: e.field,
         problem: e.problem,
+        limit: e.limit,
     })?;
     if prepared.consent_dropped > 0 {
         report_dropped_events("consent", prepared.consent_dropped);

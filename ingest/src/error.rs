@@ -31,6 +31,8 @@ pub enum ApiError {
         field: &'static str,
         /// What is wrong.
         problem: String,
+        /// The limit broken, when one is.
+        limit: Option<usize>,
     },
     /// The write key is not configured.
     #[error("unknown write key")]
@@ -111,7 +113,12 @@ impl IntoResponse for ApiError {
         let mut body = json!({ "error": self.code(), "message": self.to_string() });
         match &self {
             ApiError::BodyTooLarge { limit } => body["limit"] = json!(limit),
-            ApiError::BadIdentity { field, .. } => body["field"] = json!(field),
+            ApiError::BadIdentity { field, limit, .. } => {
+                body["field"] = json!(field);
+                if let Some(limit) = limit {
+                    body["limit"] = json!(limit);
+                }
+            }
             ApiError::BadParameter {
                 parameter, limit, ..
             } => {

@@ -1,10 +1,10 @@
 //! From a verified wire batch to profile updates: consent filter, enrichment (received-at,
 //! clock-skew correction) and grouping by profile. Pure functions, no I/O.
 
-use profile_cache::model::check_id;
+use profile_cache::model::{MAX_ID_BYTES, check_id};
 use profile_cache::{
-    ConsentChange, ConsentMask, Context, Event, EventKind, Item, ProfileId, ProfileUpdate, Purpose,
-    Value,
+    ConsentChange, ConsentMask, Context, Event, EventKind, IdError, Item, ProfileId, ProfileUpdate,
+    Purpose, Value,
 };
 use serde::Serialize;
 use time::{Duration, OffsetDateTime};
@@ -36,6 +36,8 @@ pub struct IdentityError {
     pub field: &'static str,
     /// What is wrong.
     pub problem: String,
+    /// The limit broken, when one is.
+    pub limit: Option<usize>,
 }
 
 /// Filters, enriches and groups the events of `batch`, received at `received_at`.
@@ -54,6 +56,7 @@ pub fn prepare(batch: wire::Batch, received_at: OffsetDateTime) -> Result<Prepar
         return Err(IdentityError {
             field: "context.anonymous_id",
             problem: "a batch needs an anonymous id or a user id".into(),
+            limit: None,
         });
     }
     let context = Context {
@@ -171,6 +174,7 @@ fn valid_id(field: &'static str, id: Option<String>) -> Result<Option<String>, I
             Err(e) => Err(IdentityError {
                 field,
                 problem: e.to_string(),
+                limit: matches!(e, IdError::TooLong { .. }).then_some(MAX_ID_BYTES),
             }),
         },
     }

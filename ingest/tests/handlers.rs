@@ -572,3 +572,111 @@ async fn segment_reads_during_a_storage_outage_are_503() {
         assert_eq!(headers[header::RETRY_AFTER], "1");
     }
 }
+
+/// Every row of the limits table in docs/SECURITY.md at its edge: a batch exactly at the
+/// limit is accepted, one past it is refused as a whole with 400 naming the field and the
+/// limit, and nothing of it is applied.
+#[tokio::test]
+async fn every_batch_limit_holds_at_its_edge() {
+    type Build = fn(usize) -> wire::Batch;
+    let rows: [(&str, usize, Build, &str); 6] = [
+        (
+            "events per batch",
+            500,
+            |n| batch((0..n).map(|i| page((i % 250) as u8 + 1)).collect()),
+            "events",
+        ),
+        (
+            "string length",
+            1024,
+            |n| {
+                let mut e = page(1);
+                e.name = Some("n".repeat(n));
+                batch(vec![e])
+            },
+            "events[0].name",
+        ),
+        (
+            "url length",
+            4096,
+            |n| {
+                let mut b = batch(vec![page(1)]);
+                b.context.page_url = Some(format!("https://shop.example/{}", "p".repeat(n - 21)));
+                b
+            },
+            "context.page_url",
+        ),
+        (
+            "properties per event",
+            64,
+            |n| {
+                let mut e = page(1);
+                e.properties = (0..n)
+                    .map(|i| wire::Property {
+                        key: format!("k{i}"),
+                        value: wire::Value::Int(i as i64),
+                    })
+                    .collect();
+                batch(vec![e])
+            },
+            "events[0].properties",
+        ),
+        (
+            "items per event",
+            100,
+            |n| {
+                let mut e = event(1, wire::EventKind::CartAdd, wire::Purpose::Analytics);
+                e.items = (0..n)
+                    .map(|i| wire::Item {
+                        product_id: format!("sku-{i}"),
+                        quantity: 1,
+                        ..Default::default()
+                    })
+                    .collect();
+                batch(vec![e])
+            },
+            "events[0].items",
+        ),
+        (
+            "anonymous id length",
+            256,
+            |n| {
+                let mut b = batch(vec![page(1)]);
+                b.context.anonymous_id = Some("a".repeat(n));
+                b
+            },
+            "context.anonymous_id",
+        ),
+    ];
+    for (name, limit, build, field) in rows {
+        let (at, store) = app();
+        let (status, body, _) = send(&at, post(wire::encode(&build(limit)))).await;
+        assert_eq!(status, StatusCode::OK, "{name} at {limit}: {body}");
+        let (past, store_over) = app();
+        let (status, body, _) = send(&past, post(wire::encode(&build(limit + 1)))).await;
+        assert_eq!(
+            status,
+            StatusCode::BAD_REQUEST,
+            "{name} past {limit}: {body}"
+        );
+        assert_eq!(body["field"], field, "{name}: {body}");
+        assert_eq!(body["limit"], limit, "{name}: {body}");
+        assert!(store_over.applied().is_empty(), "{name}: nothing applied");
+        assert!(!store.applied().is_empty(), "{name}: applied at the limit");
+    }
+
+    // An event's own ids are checked per event: a bad one drops that event, named.
+    let identify = |n: usize| {
+        let mut e = event(1, wire::EventKind::Identify, wire::Purpose::Analytics);
+        e.user_id = Some("u".repeat(n));
+        batch(vec![e])
+    };
+    let (router, _) = app();
+    let (_, body, _) = send(&router, post(wire::encode(&identify(256)))).await;
+    assert_eq!(body["accepted"], 1, "{body}");
+    let (_, body, _) = send(&router, post(wire::encode(&identify(257)))).await;
+    assert_eq!(
+        body,
+        json!({"accepted": 0, "rejected": [{"index": 0, "reason": "user_id: id is 257 bytes, limit 256"}]})
+    );
+}
