@@ -1,7 +1,7 @@
 //! From a verified wire batch to profile updates: consent filter, enrichment (received-at,
 //! clock-skew correction) and grouping by profile. Pure functions, no I/O.
 
-use profile_cache::model::{MAX_ID_BYTES, check_id};
+use profile_cache::model::{MAX_ID_BYTES, check_id, check_person_id};
 use profile_cache::{
     ConsentChange, ConsentMask, Context, Event, EventKind, IdError, Item, ProfileId, ProfileUpdate,
     Purpose, Value,
@@ -169,7 +169,7 @@ fn valid_id(field: &'static str, id: Option<String>) -> Result<Option<String>, I
     match id {
         None => Ok(None),
         Some(id) if id.is_empty() => Ok(None),
-        Some(id) => match check_id(&id) {
+        Some(id) => match check_person_id(&id) {
             Ok(()) => Ok(Some(id)),
             Err(e) => Err(IdentityError {
                 field,

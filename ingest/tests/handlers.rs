@@ -680,3 +680,29 @@ async fn every_batch_limit_holds_at_its_edge() {
         json!({"accepted": 0, "rejected": [{"index": 0, "reason": "user_id: id is 257 bytes, limit 256"}]})
     );
 }
+
+#[tokio::test]
+async fn placeholder_ids_never_name_a_person() {
+    let (app, store) = app();
+    let mut b = batch(vec![page(1)]);
+    b.context.user_id = Some("null".into());
+    let (status, body, _) = send(&app, post(wire::encode(&b))).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(
+        body,
+        json!({"error": "bad_identity", "field": "context.user_id",
+               "message": "context.user_id: id \"null\" is a placeholder, not an id"})
+    );
+    let mut e = event(2, wire::EventKind::Identify, wire::Purpose::Analytics);
+    e.user_id = Some("Undefined".into());
+    let (status, body, _) = send(&app, post(wire::encode(&batch(vec![e, page(3)])))).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        body,
+        json!({"accepted": 1, "rejected": [{"index": 0,
+               "reason": "user_id: id \"Undefined\" is a placeholder, not an id"}]})
+    );
+    let applied = store.applied();
+    assert_eq!(applied.len(), 1);
+    assert_eq!(applied[0].user_id, None, "the page view stays anonymous");
+}

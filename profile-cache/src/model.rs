@@ -271,7 +271,40 @@ pub enum IdError {
     /// Braces would break the Redis Cluster hash tag; control characters break logs.
     #[error("id contains {0:?}, which is not allowed")]
     BadChar(char),
+    /// A value that stands for "no id" in someone's code ([`PLACEHOLDER_IDS`]): taken as a
+    /// person's id, it would merge everyone whose code sends it into one profile.
+    #[error("id {0:?} is a placeholder, not an id")]
+    Placeholder(String),
 }
+
+/// Ids refused for people (users and anonymous visitors), compared without case and
+/// surrounding whitespace: what code sends when it has no id (`null`, `undefined`,
+/// `[object Object]`, `0`), or generic words a form or a test left in (`anonymous`, `guest`,
+/// `email`, `user_id`). The tracker refuses the same list (`js/loader.js`).
+pub const PLACEHOLDER_IDS: &[&str] = &[
+    "0",
+    "-1",
+    "[object object]",
+    "anon",
+    "anonymous",
+    "distinct_id",
+    "distinctid",
+    "email",
+    "false",
+    "guest",
+    "id",
+    "n/a",
+    "nan",
+    "nil",
+    "none",
+    "not_authenticated",
+    "null",
+    "true",
+    "undefined",
+    "unknown",
+    "user_id",
+    "userid",
+];
 
 /// Who a profile belongs to: a known user (`u:<user id>`) or an anonymous visitor
 /// (`a:<anonymous id>`). The string form is the `{...}` hash tag of every key of the profile.
@@ -283,9 +316,10 @@ impl ProfileId {
     /// The profile of a known user.
     ///
     /// # Errors
-    /// The id is empty, longer than [`MAX_ID_BYTES`], or holds `{`, `}` or a control character.
+    /// The id is empty, longer than [`MAX_ID_BYTES`], holds `{`, `}` or a control character,
+    /// or is a placeholder ([`check_person_id`]).
     pub fn user(id: &str) -> Result<Self, IdError> {
-        check_id(id)?;
+        check_person_id(id)?;
         Ok(Self(format!("u:{id}")))
     }
 
@@ -294,7 +328,7 @@ impl ProfileId {
     /// # Errors
     /// As [`ProfileId::user`].
     pub fn anonymous(id: &str) -> Result<Self, IdError> {
-        check_id(id)?;
+        check_person_id(id)?;
         Ok(Self(format!("a:{id}")))
     }
 
@@ -308,6 +342,26 @@ impl fmt::Display for ProfileId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.0)
     }
+}
+
+/// Checks an id that names a person (user or anonymous visitor): [`check_id`], and not one
+/// of the [`PLACEHOLDER_IDS`].
+///
+/// # Errors
+/// See [`IdError`].
+pub fn check_person_id(id: &str) -> Result<(), IdError> {
+    check_id(id)?;
+    let trimmed = id.trim();
+    if trimmed.is_empty() {
+        return Err(IdError::Empty);
+    }
+    if PLACEHOLDER_IDS
+        .iter()
+        .any(|p| p.eq_ignore_ascii_case(trimmed))
+    {
+        return Err(IdError::Placeholder(id.into()));
+    }
+    Ok(())
 }
 
 /// Checks an externally supplied id (user, anonymous, session, product).
@@ -477,4 +531,49 @@ pub struct SegmentMembership {
     /// When the profile entered it.
     #[serde(with = "time::serde::rfc3339")]
     pub entered_at: OffsetDateTime,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholder_ids_are_refused_for_people_only() {
+        for id in [
+            "null",
+            "NULL",
+            " undefined ",
+            "[object Object]",
+            "0",
+            "Anonymous",
+            "guest",
+        ] {
+            assert_eq!(
+                check_person_id(id),
+                Err(IdError::Placeholder(id.into())),
+                "{id:?}"
+            );
+            assert!(ProfileId::user(id).is_err() && ProfileId::anonymous(id).is_err());
+            // A product or order may well be called "0".
+            assert_eq!(check_id(id), Ok(()), "{id:?}");
+        }
+        assert_eq!(check_person_id("   "), Err(IdError::Empty));
+        for id in ["nullable", "user-0", "00", "ada@example.com", "guest-42"] {
+            assert_eq!(check_person_id(id), Ok(()), "{id:?}");
+        }
+    }
+
+    /// The tracker refuses the same placeholders before they reach the collector, which
+    /// would otherwise refuse every later batch of a visitor identified as one.
+    #[test]
+    fn the_tracker_refuses_the_same_placeholders() {
+        let loader = include_str!("../../tracker-wasm/js/loader.js");
+        let regex = loader
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("var PLACEHOLDER = /^\\s*(|"))
+            .and_then(|l| l.strip_suffix(")\\s*$/i;"))
+            .expect("js/loader.js defines PLACEHOLDER");
+        let listed: Vec<String> = regex.split('|').map(|a| a.replace('\\', "")).collect();
+        assert_eq!(listed, PLACEHOLDER_IDS);
+    }
 }

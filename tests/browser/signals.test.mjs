@@ -94,6 +94,8 @@ test('bad calls are reported once per problem on the console and never throw', a
         () => pz.track(''),
         () => pz.identify(null),
         () => pz.identify('{not an id}'),
+        () => pz.identify('undefined'),
+        () => pz.alias(' NULL '),
         () => pz.cartAdd({}),
         () => pz.orderCompleted({ orderId: 'o-1', revenue: 12.5 }),
         () => pz.consent('yes'),
@@ -118,6 +120,10 @@ test('bad calls are reported once per problem on the console and never throw', a
     for (const call of ['track', 'identify', 'cartAdd', 'orderCompleted', 'consent', 'noSuchCall']) {
       assert.ok(warnings.some((w) => w.includes(call)), `a warning names ${call}: ${JSON.stringify(warnings)}`);
     }
+    // Placeholders never become the visitor's user id.
+    assert.ok(warnings.some((w) => w.includes('"undefined" is a placeholder')), JSON.stringify(warnings));
+    assert.ok(warnings.some((w) => w.startsWith('pz: alias:') && w.includes('placeholder')), JSON.stringify(warnings));
+    assert.equal(await page.evaluate(() => pz.userId()), null);
     // track() without a name, with a number and with '' are one problem.
     assert.equal(warnings.filter((w) => w.startsWith('pz: track:')).length, 2, JSON.stringify(warnings));
   });

@@ -68,6 +68,17 @@ var H = {};
     } catch (e) { /* lone surrogate */ }
   }
 
+  // A user id the collector accepts for a person: an id, and not a placeholder that code
+  // sends when it has none (the list is profile_cache::model::PLACEHOLDER_IDS); undefined
+  // otherwise, with a warning.
+  var PLACEHOLDER = /^\s*(|0|-1|\[object object\]|anon|anonymous|distinct_id|distinctid|email|false|guest|id|n\/a|nan|nil|none|not_authenticated|null|true|undefined|unknown|user_id|userid)\s*$/i;
+  function person(v) {
+    var p = id(v);
+    if (!p) bad('needs a user id (1-256 bytes, no braces or control characters)');
+    else if (PLACEHOLDER.test(p)) bad('"' + p.slice(0, 40) + '" is a placeholder, not a user id');
+    else return p;
+  }
+
   // Events wait here until a microtask hands them to Rust, so recording and encoding never
   // run inside the page's call; any other message (the page going away included) hands them
   // over first, in order. A microtask, not a zero-delay timer: it runs as soon as the page's
@@ -202,14 +213,12 @@ var H = {};
       event(1, name, props);
     },
     identify: function (user, traits) {
-      user = id(user);
-      if (!user) return bad('needs a user id (1-256 bytes, no braces or control characters)');
-      event(2, null, traits, '', user);
+      user = person(user);
+      if (user) event(2, null, traits, '', user);
     },
     alias: function (user) {
-      user = id(user);
-      if (!user) return bad('needs the new id (1-256 bytes, no braces or control characters)');
-      event(3, null, null, '', user);
+      user = person(user);
+      if (user) event(3, null, null, '', user);
     },
     productViewed: commerce(5),
     cartAdd: commerce(6),
