@@ -79,7 +79,7 @@ impl RedisServer {
             let temp = tempfile::tempdir().map_err(|e| start_error(0, &e))?;
             let port = free_port().map_err(|e| start_error(0, &e))?;
             let args = ["--save", "", "--appendonly", "no"];
-            match Self::spawn(program, temp.path(), port, &args, false) {
+            match Self::spawn(program, None, temp.path(), port, &args, false) {
                 Ok(mut server) => {
                     server._temp = Some(temp);
                     return Ok(server);
@@ -88,6 +88,18 @@ impl RedisServer {
                 Err(e) => return Err(e),
             }
         }
+    }
+
+    /// Starts a server on `port` configured by the file `config` (as `redis-server <config>`,
+    /// with port, bind address, data directory `dir` and log file set here), keeping its
+    /// data in `dir` as that configuration says. On drop it is asked to `SHUTDOWN`, like
+    /// [`RedisServer::start_with_dir`]; [`RedisServer::crash`] kills it instead.
+    ///
+    /// # Errors
+    /// As [`RedisServer::start_with_dir`].
+    pub fn start_with_config(config: &Path, dir: &Path, port: u16) -> Result<Self, ServerError> {
+        std::fs::create_dir_all(dir).map_err(|e| start_error(port, &e))?;
+        Self::spawn("redis-server", Some(config), dir, port, &[], true)
     }
 
     /// Starts a server on `port` that keeps its data (append-only file) in `dir`, so a
@@ -101,11 +113,12 @@ impl RedisServer {
     pub fn start_with_dir(dir: &Path, port: u16) -> Result<Self, ServerError> {
         std::fs::create_dir_all(dir).map_err(|e| start_error(port, &e))?;
         let args = ["--save", "", "--appendonly", "yes"];
-        Self::spawn("redis-server", dir, port, &args, true)
+        Self::spawn("redis-server", None, dir, port, &args, true)
     }
 
     fn spawn(
         program: &str,
+        config: Option<&Path>,
         dir: &Path,
         port: u16,
         extra: &[&str],
@@ -126,7 +139,9 @@ impl RedisServer {
         }
         let log = dir.join("redis.log");
         let mut cmd = Command::new(program);
-        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        // A configuration file must be the first argument; the options after it override it.
+        cmd.args(config)
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .arg("--dir")
             .arg(dir)
             .arg("--logfile")
@@ -215,6 +230,12 @@ impl RedisServer {
     /// The directory holding its data and `redis.log`.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Kills the server with SIGKILL, as a crash would: nothing is written on the way out.
+    pub fn crash(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -42,12 +42,18 @@ pub enum Only {
 }
 
 /// Runs the benchmarks (`only` one of them, if given) and prints their JSON lines and ratios.
-/// `loadgen_args` go to every loadgen run (loadgen's own defaults suit a 2-core machine).
+/// Redis runs without persistence, or with the configuration file `redis_conf` (its data in a
+/// temporary directory). `loadgen_args` go to every loadgen run (loadgen's own defaults suit
+/// a 2-core machine).
 ///
 /// # Errors
 /// A tool is missing, a build fails, a process fails, loadgen reports errors, or the tracker
 /// bench loses an event.
-pub fn run(only: Option<Only>, loadgen_args: &[OsString]) -> anyhow::Result<()> {
+pub fn run(
+    only: Option<Only>,
+    redis_conf: Option<&Path>,
+    loadgen_args: &[OsString],
+) -> anyhow::Result<()> {
     let collector = only != Some(Only::Tracker);
     let tracker = only != Some(Only::Collector);
     if !collector && !loadgen_args.is_empty() {
@@ -66,9 +72,19 @@ pub fn run(only: Option<Only>, loadgen_args: &[OsString]) -> anyhow::Result<()> 
         ws.cargo()
             .args(["build", "--release", "-p", "ingest", "--bins"]),
     )?;
-    let redis = RedisServer::start().context("starting a throwaway redis-server")?;
-    let redis_url = redis.url();
     let scratch = tempfile::tempdir().context("creating a temporary directory")?;
+    let redis = match redis_conf {
+        None => RedisServer::start(),
+        Some(conf) => {
+            let conf = std::path::absolute(conf)
+                .with_context(|| format!("redis configuration {}", conf.display()))?;
+            eprintln!("redis-server with {}", conf.display());
+            let port = process::free_port()?;
+            RedisServer::start_with_config(&conf, &scratch.path().join("redis"), port)
+        }
+    }
+    .context("starting a throwaway redis-server")?;
+    let redis_url = redis.url();
     if collector {
         collector_bench(&ws, &redis_url, scratch.path(), loadgen_args)?;
     }

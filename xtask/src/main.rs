@@ -73,6 +73,10 @@ enum Task {
         /// Run one benchmark only.
         #[arg(long, value_enum)]
         only: Option<bench::Only>,
+        /// Run Redis with this configuration file (e.g. `ingest/redis.conf`, append-only file
+        /// fsynced every second) instead of without persistence.
+        #[arg(long, value_name = "FILE")]
+        redis_conf: Option<std::path::PathBuf>,
         /// Extra loadgen arguments (--events, --visitors, --batch, --concurrency, --seed).
         #[arg(last = true)]
         loadgen_args: Vec<OsString>,
@@ -86,7 +90,11 @@ fn main() -> ExitCode {
         Task::BuildTracker { check } => build_tracker::run(check),
         Task::Demo => demo::run(),
         Task::Test => test::run(),
-        Task::Bench { only, loadgen_args } => bench::run(only, &loadgen_args),
+        Task::Bench {
+            only,
+            redis_conf,
+            loadgen_args,
+        } => bench::run(only, redis_conf.as_deref(), &loadgen_args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
