@@ -9,12 +9,14 @@
 //! - [`pipeline`]: a verified batch to profile updates (consent, enrichment, grouping).
 //! - [`store`]: the storage trait, for Redis and an in-memory test double.
 //! - [`scheduler`]: the task that re-evaluates profiles whose deadline has come.
+//! - [`rebuild`]: the task that rebuilds segment memberships after the definitions changed.
 //! - [`error`]: the one API error type and its JSON shape.
 
 pub mod api;
 pub mod config;
 pub mod error;
 pub mod pipeline;
+pub mod rebuild;
 pub mod scheduler;
 pub mod store;
 
@@ -28,11 +30,14 @@ use tracing::{info, warn};
 
 pub use api::{AppState, Clock, SystemClock, router};
 pub use config::Config;
+pub use rebuild::Rebuilder;
 pub use scheduler::Scheduler;
 
 /// Connects to Redis and serves until `shutdown` completes, then lets in-flight requests
 /// finish for at most `config.shutdown_timeout`. Unless `scheduler.enabled` is false, the
-/// deadline scheduler runs alongside and stops with the server.
+/// deadline scheduler runs alongside and stops with the server. When the segment
+/// definitions differ from those recorded in Redis, the segment rebuild runs alongside too,
+/// until it is done or the server stops.
 ///
 /// # Errors
 /// Redis cannot be reached at start (schema mismatch included), or the server fails.
@@ -59,6 +64,8 @@ pub async fn serve(
         let scheduler = Scheduler::new(store.clone(), clock.clone(), config.scheduler);
         tokio::spawn(scheduler.run(stopping(stopping_rx.clone())))
     });
+    let rebuild = Rebuilder::new(&store, clock.clone());
+    let rebuild = tokio::spawn(rebuild.run(stopping(stopping_rx.clone())));
     let state = AppState {
         store: Arc::new(store),
         clock,
@@ -90,6 +97,12 @@ pub async fn serve(
             result = scheduler => result.context("scheduler task failed")?,
             () = &mut stopped => warn!(?timeout, "the scheduler's round did not finish in time"),
         }
+    }
+    tokio::select! {
+        result = rebuild => {
+            result.context("segment rebuild task failed")?;
+        }
+        () = &mut stopped => warn!(?timeout, "the segment rebuild's step did not finish in time"),
     }
     info!("collector stopped");
     Ok(())

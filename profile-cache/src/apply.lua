@@ -1,7 +1,8 @@
 -- Applies the events of one batch to one profile, atomically and idempotently, and
 -- re-evaluates the profile's segments in the same call. Called without events and with a
 -- claim (ARGV 12), it only re-evaluates the segments: the scheduler's call for a profile
--- whose deadline has come (schedule.rs).
+-- whose deadline has come (schedule.rs), or a rebuild's call after the segment definitions
+-- changed (rebuild.rs).
 --
 -- KEYS: 1 profile, 2 traits, 3 counts, 4 ids, 5 viewed, 6 cat_viewed, 7 cat_bought, 8 cart,
 --       9 dedupe, 10 windows, 11 segments, 12 the event stream, 13 the transition stream,
@@ -11,13 +12,15 @@
 --       5 event stream max length, 6 lifecycle new_for (ms), 7 transition stream max length,
 --       8 profile id, 9 anonymous id, 10 user id, 11 session id ('' when unknown), 12 the
 --       claim: '' for an update, else the score the caller's claim gave the profile in the
---       schedule; then one JSON object per event, in the client's order (script.rs,
---       `ScriptEvent`): id (32 hex), kind, count (counts field), ts and received (Unix ms),
---       items [{product, category?, price, quantity}], traits [[name, text]], revenue,
---       currency, granted / denied [purpose], and event (the stream entry, stored as is).
+--       schedule; 13 why an evaluation runs, the `reason` of its transitions: 'deadline'
+--       (the scheduler) or 'redefined' (a rebuild), '' for an update; then one JSON object
+--       per event, in the client's order (script.rs, `ScriptEvent`): id (32 hex), kind,
+--       count (counts field), ts and received (Unix ms), items [{product, category?, price,
+--       quantity}], traits [[name, text]], revenue, currency, granted / denied [purpose], and
+--       event (the stream entry, stored as is).
 -- Returns {applied, duplicates} for an update. An evaluation returns {'evaluated', changes},
 -- or {'superseded', 0} when the profile's schedule entry is no longer the caller's claim
--- (an update or another scheduler has re-evaluated it since: nothing is written), or
+-- (an update, a scheduler or a rebuild has re-evaluated it since: nothing is written), or
 -- {'gone', 0} when the profile no longer exists (it leaves the schedule).
 --
 -- The configured segments are part of the script's text: script.rs (`ScriptSegments`)
@@ -46,9 +49,14 @@ local transitions_max = ARGV[7]
 local profile_id, anonymous_id, user_id, session_id = ARGV[8], ARGV[9], ARGV[10], ARGV[11]
 local claim = ARGV[12]
 local plan = nil
-local FIRST_EVENT = 13
--- Why the memberships change: the events of an update, or time alone.
-local reason = claim == '' and 'event' or 'deadline'
+local FIRST_EVENT = 14
+-- Why the memberships change: the events of an update; for an evaluation, time alone
+-- ('deadline') or new segment definitions ('redefined').
+local reason = claim == '' and 'event' or ARGV[13]
+local evaluation = reason ~= 'event'
+if evaluation and reason ~= 'deadline' and reason ~= 'redefined' then
+  return redis.error_reply('ERR apply.lua: unknown evaluation reason ' .. tostring(reason))
+end
 
 local HOUR = 3600000            -- the width of a window bucket, ms
 local LAST_TIME = 253402300799999 -- 9999-12-31T23:59:59.999Z: later deadlines are none
@@ -90,7 +98,7 @@ if plan then
   expected[WINDOWS], expected[SEGMENTS] = 'hash', 'hash'
   expected[TRANSITIONS] = 'stream'
 end
-if plan or reason == 'deadline' then expected[DEADLINES] = 'zset' end
+if plan or evaluation then expected[DEADLINES] = 'zset' end
 local function wrong_type(key, want)
   local t = redis.call('TYPE', key)['ok']
   if t ~= 'none' and t ~= want then
@@ -106,10 +114,10 @@ end
 -- An evaluation goes ahead only while the caller's claim holds: the schedule entry still
 -- has the score the claim gave it. Any update of the profile since the claim has evaluated
 -- it at its own time and written the real next deadline over the claim (or removed the
--- entry); another scheduler that took over an expired claim wrote its own score. Either
+-- entry); another scheduler or rebuild that claimed it since wrote its own score. Either
 -- way this call is stale: evaluating at its `now`, possibly earlier than the update's,
 -- could undo a change the update made, so it writes nothing. schedule.rs explains the race.
-if reason == 'deadline' then
+if evaluation then
   local score = redis.call('ZSCORE', DEADLINES, profile_id)
   if not score or tonumber(score) ~= tonumber(claim) then return { 'superseded', 0 } end
   if redis.call('EXISTS', P) == 0 then
@@ -528,7 +536,7 @@ if plan then
     redis.call('ZREM', DEADLINES, profile_id)
   end
 end
-if reason == 'deadline' then return { 'evaluated', #moves } end
+if evaluation then return { 'evaluated', #moves } end
 
 -- The update's events.
 redis.call('ZREMRANGEBYSCORE', DEDUPE, '-inf', '(' .. int(oldest_kept))

@@ -19,6 +19,28 @@ pub const TRANSITION_STREAM: &str = "stream:transitions";
 /// its segment memberships may change without a new event.
 pub const DEADLINES: &str = "schedule:deadlines";
 
+/// Hash: the segment definitions whose memberships are complete in this Redis: segment
+/// name to the fingerprint of its compiled condition
+/// ([`crate::segments::Segment::fingerprint`]). Written when a rebuild finishes
+/// ([`crate::rebuild`]). The keys of the rebuild share the hash tag `{segments}`, so its
+/// scripts touch one slot.
+pub const SEGMENT_DEFINITIONS: &str = "meta:{segments}:definitions";
+/// Hash: the progress of an unfinished rebuild: `target` (the fingerprint of the
+/// definitions it rebuilds for), `cursor` (the `SCAN` cursor of its walk over profiles),
+/// `started_at` (ms), `profiles` and `changes` (evaluated and changed so far).
+pub const REBUILD_PROGRESS: &str = "meta:{segments}:rebuild";
+/// String with an expiry: the owner token of the collector running the rebuild.
+pub const REBUILD_LEASE: &str = "meta:{segments}:rebuild_lease";
+/// The `SCAN ... MATCH` pattern of the profile hashes ([`profile`]): a profile id never
+/// contains braces, so only `profile:{ID}` itself ends with `}`.
+pub const PROFILE_PATTERN: &str = "profile:{*}";
+
+/// The profile id inside a [`profile`] key (`u:alice` for `profile:{u:alice}`); `None` for
+/// any other key.
+pub fn profile_of_key(key: &str) -> Option<&str> {
+    key.strip_prefix("profile:{")?.strip_suffix('}')
+}
+
 /// Hash of a profile's scalars: ids, times, counters, consent.
 pub fn profile(id: &ProfileId) -> String {
     format!("profile:{{{id}}}")
@@ -189,6 +211,18 @@ mod tests {
             segment_members("cart_abandoners_30m"),
             "segment:{cart_abandoners_30m}:members"
         );
+    }
+
+    #[test]
+    fn profile_keys_give_back_their_id() {
+        let id = ProfileId::user("alice").unwrap();
+        assert_eq!(profile_of_key(&profile(&id)), Some("u:alice"));
+        assert_eq!(profile_of_key(&cart(&id)), None);
+        assert_eq!(profile_of_key("profiles:{u:alice}"), None);
+        // The rebuild's keys share one slot.
+        for key in [SEGMENT_DEFINITIONS, REBUILD_PROGRESS, REBUILD_LEASE] {
+            assert!(key.contains("{segments}"), "{key}");
+        }
     }
 
     #[test]

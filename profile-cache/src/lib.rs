@@ -4,8 +4,9 @@
 //! applies each atomically and idempotently in one Redis round trip, appends the events to a
 //! capped stream, re-evaluates the profile's segments in the same call (memberships,
 //! transitions stream, next deadline), re-evaluates the profiles whose deadline has come
-//! (claimed with a lease, so that several schedulers can run), and reads profiles back for
-//! the API and for ESP connectors. It knows nothing of HTTP or FlatBuffers.
+//! (claimed with a lease, so that several schedulers can run), rebuilds the memberships of
+//! existing profiles when the segment definitions change, and reads profiles back for the
+//! API and for ESP connectors. It knows nothing of HTTP or FlatBuffers.
 //!
 //! - [`model`]: domain types (events, consent, profile ids, profiles).
 //! - [`keys`]: the Redis key schema, a public contract for connectors that read Redis.
@@ -17,6 +18,8 @@
 //! - [`schedule`]: the deadline schedule: claiming due profiles with a lease and
 //!   re-evaluating their segments ([`RedisProfiles::claim_due`],
 //!   [`RedisProfiles::evaluate_claimed`]).
+//! - [`rebuild`]: bringing the memberships of existing profiles in line with changed,
+//!   added or removed segment definitions, in resumable steps under a lease ([`Rebuild`]).
 //! - [`lifecycle`]: lifecycle stage thresholds and the stage of a profile at a time.
 //! - [`segments`]: segment definitions, their checks, the compiled form and the reference
 //!   (from-scratch) evaluator with deadlines.
@@ -26,6 +29,7 @@ pub mod keys;
 pub mod lifecycle;
 pub mod model;
 mod reads;
+pub mod rebuild;
 pub mod schedule;
 mod script;
 pub mod segments;
@@ -40,5 +44,6 @@ pub use model::{
     SegmentMembership, Value, ViewedProduct,
 };
 pub use reads::{CursorError, MemberCursor, MemberPage, MembersRequest, SegmentMember};
-pub use schedule::{Claim, Claimed, Outcome};
+pub use rebuild::{Changes, Rebuild, Step};
+pub use schedule::{Claim, Claimed, Outcome, Reason};
 pub use store::{ConfigError, ProfileConfig, RedisProfiles, StoreError};

@@ -4,7 +4,7 @@
 //!
 //! # Claims and leases
 //!
-//! `schedule:deadlines` ([`keys::DEADLINES`]) scores each profile by its next deadline; every
+//! `schedule:deadlines` ([`crate::keys::DEADLINES`]) scores each profile by its next deadline; every
 //! update writes it (`apply.lua`). [`RedisProfiles::claim_due`] runs one small script
 //! (`claim.lua`) that takes up to `limit` profiles scored at or before `now` and sets their
 //! scores to `now + lease`: the claim. The script is atomic, so two schedulers never claim
@@ -36,6 +36,10 @@
 //! - Another scheduler, after the lease ran out: it claimed the profile with a later score,
 //!   so the first scheduler's evaluation finds a score that is not its own and writes
 //!   nothing. One of them evaluates, never both.
+//! - A rebuild after a change of segment definitions ([`crate::rebuild`]), which claims
+//!   the profiles it evaluates with [`RedisProfiles::claim`] whatever their deadline: its
+//!   claim replaced this one, so this evaluation writes nothing and the rebuild's evaluates
+//!   the profile with the new definitions.
 //! - An update whose events were all duplicates changes nothing, the claim included, and
 //!   the evaluation goes ahead.
 //!
@@ -83,6 +87,25 @@ impl Claim {
     /// When the claim ends and the profile is due again, unless evaluated before.
     pub fn until(&self) -> OffsetDateTime {
         from_millis(self.score).unwrap_or(OffsetDateTime::UNIX_EPOCH)
+    }
+}
+
+/// Why claimed profiles are evaluated: the `reason` of the transitions the evaluation writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reason {
+    /// Their deadline has come: the scheduler's evaluation.
+    Deadline,
+    /// The segment definitions changed: a rebuild's evaluation ([`crate::rebuild`]).
+    Redefined,
+}
+
+impl Reason {
+    /// The `reason` field of the transitions: `deadline` or `redefined`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Deadline => "deadline",
+            Reason::Redefined => "redefined",
+        }
     }
 }
 
@@ -153,6 +176,43 @@ impl RedisProfiles {
         })
     }
 
+    /// Claims `profiles` whatever their deadline, for `lease` (at least a millisecond): their
+    /// schedule scores become `now + lease`, entries added for profiles without one, in one
+    /// command. A rebuild ([`crate::rebuild`]) claims each page of profiles this way before
+    /// it evaluates them with [`RedisProfiles::evaluate_claimed_because`], so that an update
+    /// that comes in between supersedes the evaluation as it does a scheduler's. A claim
+    /// taken over from a scheduler makes the scheduler's evaluation write nothing.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when Redis cannot be reached; [`StoreError::Redis`] when
+    /// the schedule is not a sorted set.
+    pub async fn claim(
+        &self,
+        profiles: &[ProfileId],
+        now: OffsetDateTime,
+        lease: Duration,
+    ) -> Result<Vec<Claim>, StoreError> {
+        if profiles.is_empty() {
+            return Ok(Vec::new());
+        }
+        let lease = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX).max(1);
+        let score = millis(now).saturating_add(lease);
+        let mut zadd = redis::cmd("ZADD");
+        zadd.arg(DEADLINES);
+        for id in profiles {
+            zadd.arg(score).arg(id.as_str());
+        }
+        let mut conn = self.conn.clone();
+        let _: u64 = zadd.query_async(&mut conn).await?;
+        Ok(profiles
+            .iter()
+            .map(|id| Claim {
+                profile: id.as_str().to_string(),
+                score,
+            })
+            .collect())
+    }
+
     /// Re-evaluates the segments of claimed profiles at `now`, in one round trip (one
     /// `EVALSHA` of the apply script each, without events): memberships and transitions as
     /// for an update, with reason `deadline`, and each profile's schedule entry set to its
@@ -171,6 +231,20 @@ impl RedisProfiles {
         claims: &[Claim],
         now: OffsetDateTime,
     ) -> Result<Vec<Result<Outcome, StoreError>>, StoreError> {
+        self.evaluate_claimed_because(claims, now, Reason::Deadline)
+            .await
+    }
+
+    /// [`RedisProfiles::evaluate_claimed`], with transitions written for `reason`.
+    ///
+    /// # Errors
+    /// As [`RedisProfiles::evaluate_claimed`].
+    pub async fn evaluate_claimed_because(
+        &self,
+        claims: &[Claim],
+        now: OffsetDateTime,
+        reason: Reason,
+    ) -> Result<Vec<Result<Outcome, StoreError>>, StoreError> {
         let mut outcomes: Vec<Option<Result<Outcome, StoreError>>> = Vec::new();
         let mut pipe = redis::pipe();
         // Each profile's call stands alone: one's error is its own reply.
@@ -184,6 +258,7 @@ impl RedisProfiles {
                         &self.member_keys,
                         &id,
                         claim.score,
+                        reason,
                         now,
                         &self.config,
                     ));
@@ -216,16 +291,20 @@ impl RedisProfiles {
 /// A schedule member as a profile id; the schedule only ever holds ids from
 /// [`ProfileId`], so anything else was written by hand.
 fn profile_id(member: &str) -> Result<ProfileId, StoreError> {
-    let id = match member.split_once(':') {
-        Some(("u", id)) => ProfileId::user(id).ok(),
-        Some(("a", id)) => ProfileId::anonymous(id).ok(),
-        _ => None,
-    };
-    id.ok_or_else(|| StoreError::Corrupt {
+    parse_profile_id(member).ok_or_else(|| StoreError::Corrupt {
         key: DEADLINES.into(),
         field: member.into(),
         detail: "is not a profile id".into(),
     })
+}
+
+/// `u:<id>` or `a:<id>` as a profile id; `None` for anything else.
+pub(crate) fn parse_profile_id(text: &str) -> Option<ProfileId> {
+    match text.split_once(':') {
+        Some(("u", id)) => ProfileId::user(id).ok(),
+        Some(("a", id)) => ProfileId::anonymous(id).ok(),
+        _ => None,
+    }
 }
 
 fn is_noscript(reply: &redis::Value) -> bool {

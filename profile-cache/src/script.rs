@@ -10,6 +10,7 @@ use time::OffsetDateTime;
 
 use crate::keys::{self, DEADLINES, EVENT_STREAM, ProfileKeys, TRANSITION_STREAM};
 use crate::model::{ConsentMask, Event, EventKind, Item, ProfileId, ProfileUpdate, Purpose, Value};
+use crate::schedule::Reason;
 use crate::segments::{Predicate, Segment};
 use crate::store::ProfileConfig;
 
@@ -232,7 +233,8 @@ pub(crate) fn invocation<'s>(
     inv.arg(update.anonymous_id.as_deref().unwrap_or(""))
         .arg(update.user_id.as_deref().unwrap_or(""))
         .arg(update.context.session_id.as_deref().unwrap_or(""))
-        // No claim: an update.
+        // No claim and no reason: an update.
+        .arg("")
         .arg("");
     let context = context_json(update);
     for event in &update.events {
@@ -242,17 +244,19 @@ pub(crate) fn invocation<'s>(
 }
 
 /// The `EVALSHA` that re-evaluates the segments of a profile the caller claimed in the
-/// schedule, with the claim's score (Unix ms), at `now`: no events, and no ids or session.
+/// schedule, with the claim's score (Unix ms), at `now`, for `reason`: no events, and no
+/// ids or session.
 pub(crate) fn evaluation<'s>(
     script: &'s redis::Script,
     member_keys: &[String],
     profile: &ProfileId,
     claim: i64,
+    reason: Reason,
     now: OffsetDateTime,
     config: &ProfileConfig,
 ) -> redis::ScriptInvocation<'s> {
     let mut inv = prepare(script, member_keys, profile, now, config);
-    inv.arg("").arg("").arg("").arg(claim);
+    inv.arg("").arg("").arg("").arg(claim).arg(reason.as_str());
     inv
 }
 

@@ -104,6 +104,17 @@
 //! which is [`LifecycleThresholds::stage`] to the millisecond, so lifecycle segments get
 //! exact deadlines like any recency test.
 //!
+//! # Fingerprints
+//!
+//! [`Segment::fingerprint`] hashes the compiled condition's JSON (above) with 128-bit
+//! FNV-1a: the same condition gives the same 32 hex digits in every build, and any change
+//! that can move a profile in or out (a bound, a duration, a lifecycle threshold, since
+//! stages compile to durations) gives others. The description does not count, nor does
+//! the order of the `[[segments]]` tables; a list written in another order (`in`, `all`)
+//! does, and costs a needless rebuild at worst. The collector records the fingerprints of
+//! the definitions it runs in Redis and rebuilds a segment whose fingerprint changed
+//! ([`crate::rebuild`]).
+//!
 //! # Windowed event counts
 //!
 //! Rolling-window counts come from hourly buckets. Bucket `h` of `(event, category)` holds
@@ -1017,6 +1028,66 @@ impl Segment {
     pub fn evaluate(&self, input: &SegmentInput, now: OffsetDateTime) -> Evaluation {
         self.condition.evaluate(input, now)
     }
+
+    /// A stable fingerprint of the compiled condition (see "Fingerprints" in the module
+    /// docs): 32 lowercase hex digits.
+    ///
+    /// # Errors
+    /// The condition cannot be serialized (not expected for these types).
+    pub fn fingerprint(&self) -> Result<String, serde_json::Error> {
+        let mut hash = Fnv128::default();
+        serde_json::to_writer(&mut hash, &self.condition)?;
+        Ok(format!("{:032x}", hash.0))
+    }
+}
+
+/// The fingerprint of a whole set of definitions: of each segment's name and
+/// [`Segment::fingerprint`], in name order, so the order of the `[[segments]]` tables and
+/// their descriptions do not count. `definitions` are (name, fingerprint) pairs.
+pub fn fingerprint_all<'a>(definitions: impl IntoIterator<Item = (&'a str, &'a str)>) -> String {
+    let sorted: BTreeMap<&str, &str> = definitions.into_iter().collect();
+    let mut hash = Fnv128::default();
+    for (name, fingerprint) in sorted {
+        // Names are [a-z0-9_-] and fingerprints hex: the separators cannot occur in them.
+        hash.update(name.as_bytes());
+        hash.update(b"=");
+        hash.update(fingerprint.as_bytes());
+        hash.update(b"\n");
+    }
+    format!("{:032x}", hash.0)
+}
+
+/// 128-bit FNV-1a: small, stable across builds and platforms (unlike std's `Hasher`s,
+/// whose output may change between Rust releases), and plenty against accidental
+/// collisions among a few hundred definitions. Not meant to resist a crafted collision:
+/// definitions come from the collector's own config.
+struct Fnv128(u128);
+
+impl Default for Fnv128 {
+    fn default() -> Self {
+        Self(0x6c62_272e_07bb_0142_62b8_2175_6295_c58d)
+    }
+}
+
+impl Fnv128 {
+    const PRIME: u128 = 0x0000_0000_0100_0000_0000_0000_0000_013b;
+
+    fn update(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 ^= u128::from(b);
+            self.0 = self.0.wrapping_mul(Self::PRIME);
+        }
+    }
+}
+
+impl std::io::Write for Fnv128 {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.update(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 impl Predicate {
@@ -1142,4 +1213,66 @@ fn millis(t: OffsetDateTime) -> i64 {
 
 fn from_millis(ms: i64) -> Option<OffsetDateTime> {
     OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn segment(name: &str, description: &str, condition: serde_json::Value) -> Segment {
+        let table =
+            serde_json::json!({"name": name, "description": description, "condition": condition});
+        compile(&[table], &LifecycleThresholds::default())
+            .unwrap()
+            .remove(0)
+    }
+
+    #[test]
+    fn fingerprints_are_stable_and_follow_the_compiled_condition_only() {
+        let orders = serde_json::json!({"metric": {"field": "orders", "at_least": 3}});
+        let loyal = segment("loyal", "", orders.clone());
+        // FNV-1a 128 of that JSON, as an independent implementation computes it. It must
+        // never change between builds, or every collector would rebuild every segment after
+        // an upgrade.
+        assert_eq!(
+            serde_json::to_string(&loyal.condition).unwrap(),
+            r#"{"op":"metric","field":"orders","min":3}"#
+        );
+        assert_eq!(
+            loyal.fingerprint().unwrap(),
+            "9fb592b53cfcf2af15895fa2c5fe24de"
+        );
+        let renamed = segment("regulars", "Ordered three times", orders);
+        assert_eq!(renamed.fingerprint().unwrap(), loyal.fingerprint().unwrap());
+        let stricter = segment(
+            "loyal",
+            "",
+            serde_json::json!({"metric": {"field": "orders", "at_least": 4}}),
+        );
+        assert_ne!(
+            stricter.fingerprint().unwrap(),
+            loyal.fingerprint().unwrap()
+        );
+
+        // Lifecycle stages compile to durations: other thresholds, another fingerprint.
+        let dormant = serde_json::json!({"name": "d", "condition": {"lifecycle": "dormant"}});
+        let mut thresholds = LifecycleThresholds::default();
+        let before = compile(std::slice::from_ref(&dormant), &thresholds).unwrap();
+        thresholds.dormant_after = Duration::from_secs(20 * 86_400);
+        let after = compile(&[dormant], &thresholds).unwrap();
+        assert_ne!(
+            before[0].fingerprint().unwrap(),
+            after[0].fingerprint().unwrap()
+        );
+    }
+
+    #[test]
+    fn the_fingerprint_of_a_set_ignores_order_but_not_names() {
+        let a = fingerprint_all([("a", "01"), ("b", "02")]);
+        assert_eq!(a, fingerprint_all([("b", "02"), ("a", "01")]));
+        assert_ne!(a, fingerprint_all([("a", "02"), ("b", "01")]));
+        assert_ne!(a, fingerprint_all([("a", "01")]));
+        assert_ne!(fingerprint_all([]), a);
+        assert_eq!(fingerprint_all([]).len(), 32);
+    }
 }

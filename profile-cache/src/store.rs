@@ -184,7 +184,7 @@ fn script_corrupt(details: &str) -> StoreError {
     }
 }
 
-fn is_noscript(e: &RedisError) -> bool {
+pub(crate) fn is_noscript(e: &RedisError) -> bool {
     e.clone().into_server_errors().is_some_and(|errors| {
         errors
             .iter()
@@ -201,6 +201,9 @@ pub struct RedisProfiles {
     pub(crate) script: Arc<redis::Script>,
     /// The segments' member set keys, in the script's order.
     pub(crate) member_keys: Arc<[String]>,
+    /// The segments' names and fingerprints ([`Segment::fingerprint`]), in the script's
+    /// order: what a rebuild records ([`crate::rebuild`]).
+    pub(crate) definitions: Arc<[(String, String)]>,
 }
 
 impl std::fmt::Debug for RedisProfiles {
@@ -254,6 +257,7 @@ impl RedisProfiles {
             config,
             script,
             member_keys,
+            definitions: Arc::new([]),
         })
     }
 
@@ -261,12 +265,18 @@ impl RedisProfiles {
     /// re-evaluates every segment for its profile in the same script call, keeps the
     /// memberships, appends changes to `stream:transitions` and schedules the profile's
     /// next deadline (docs/KEY_SCHEMA.md); [`RedisProfiles::evaluate_claimed`] evaluates
-    /// the same segments at deadlines. The segments are written into the apply script
-    /// (`script.rs`), which is loaded here.
+    /// the same segments at deadlines, and [`RedisProfiles::rebuild`] brings the
+    /// memberships of existing profiles in line with them. The segments are written into
+    /// the apply script (`script.rs`), which is loaded here.
     ///
     /// # Errors
     /// [`StoreError::Unavailable`] when Redis cannot be reached.
     pub async fn with_segments(mut self, segments: &[Segment]) -> Result<Self, StoreError> {
+        self.definitions = segments
+            .iter()
+            .map(|s| Ok((s.name.clone(), s.fingerprint()?)))
+            .collect::<Result<Vec<_>, serde_json::Error>>()?
+            .into();
         (self.script, self.member_keys) =
             load(&mut self.conn, ScriptSegments::new(segments)?).await?;
         Ok(self)
