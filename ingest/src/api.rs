@@ -27,6 +27,7 @@ use tracing::{error, info, instrument, warn};
 use crate::config::{Config, WriteKey};
 use crate::error::ApiError;
 use crate::pipeline::{self, Rejected};
+use crate::spool::{Spool, SpooledBatch};
 use crate::store::ProfileStore;
 
 /// The current time; injected so tests control it.
@@ -55,6 +56,8 @@ pub struct AppState {
     pub config: Arc<Config>,
     /// The segments the collector evaluates, compiled from `config` at start.
     pub segments: Arc<[Segment]>,
+    /// Where batches go while Redis does not answer (`spool.enabled`).
+    pub spool: Option<Spool>,
 }
 
 /// The collector's routes. Tests call this without a socket.
@@ -103,6 +106,10 @@ pub struct BatchResponse {
     pub accepted: u64,
     /// Events left out, with the reason.
     pub rejected: Vec<Rejected>,
+    /// The batch is in the collector's spool, to be applied when Redis answers again
+    /// (left out when false).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub spooled: bool,
 }
 
 #[instrument(skip_all, fields(bytes))]
@@ -123,6 +130,7 @@ async fn collect(
         }
     }
     let received_at = state.clock.now();
+    let write_key = batch.write_key.clone();
     let prepared = pipeline::prepare(batch, received_at).map_err(|e| ApiError::BadIdentity {
         field: e.field,
         problem: e.problem,
@@ -135,14 +143,32 @@ async fn collect(
     if invalid > 0 {
         report_dropped_events("invalid", invalid);
     }
-    let report = if prepared.updates.is_empty() {
-        Default::default()
-    } else {
-        state
-            .store
-            .apply(&prepared.updates)
-            .await
-            .map_err(|e| store_error(&state, e))?
+    if prepared.updates.is_empty() {
+        return Ok(Json(BatchResponse {
+            accepted: 0,
+            rejected: prepared.rejected,
+            spooled: false,
+        }));
+    }
+    let spooled = SpooledBatch {
+        received_at,
+        write_key,
+        limits,
+        body: bytes,
+    };
+    // While older batches wait in the spool, newer ones queue behind them, so that each
+    // profile's batches are applied in the order they were accepted.
+    if let Some(spool) = state.spool.as_ref().filter(|s| !s.is_drained()) {
+        return spool_batch(&state, spool, &spooled, prepared).await;
+    }
+    let report = match state.store.apply(&prepared.updates).await {
+        Ok(report) => report,
+        Err(StoreError::Unavailable(err)) if state.spool.is_some() => {
+            warn!(cause = %err, "redis unavailable: spooling");
+            let spool = state.spool.as_ref().ok_or(ApiError::Internal)?;
+            return spool_batch(&state, spool, &spooled, prepared).await;
+        }
+        Err(err) => return Err(store_error(&state, err)),
     };
     if report.duplicates > 0 {
         info!(duplicates = report.duplicates, "retried events skipped");
@@ -150,7 +176,35 @@ async fn collect(
     Ok(Json(BatchResponse {
         accepted: report.applied + report.duplicates,
         rejected: prepared.rejected,
+        spooled: false,
     }))
+}
+
+/// Acknowledges a batch once it is written to the spool (and, with `fsync = "always"`,
+/// synced); the replayer applies it later. A full spool is 503 with `Retry-After`, like an
+/// unreachable Redis: the tracker keeps the batch and backs off.
+async fn spool_batch(
+    state: &AppState,
+    spool: &Spool,
+    batch: &SpooledBatch,
+    prepared: pipeline::Prepared,
+) -> Result<Json<BatchResponse>, ApiError> {
+    match spool.append(batch).await {
+        Ok(_) => {
+            let accepted = prepared.updates.iter().map(|u| u.events.len() as u64).sum();
+            Ok(Json(BatchResponse {
+                accepted,
+                rejected: prepared.rejected,
+                spooled: true,
+            }))
+        }
+        Err(err) => {
+            warn!(cause = %err, "spool refused a batch");
+            Err(ApiError::Unavailable {
+                retry_after: state.config.retry_after,
+            })
+        }
+    }
 }
 
 /// Reads at most `limit` bytes, answering 413 early when `Content-Length` says it is more.

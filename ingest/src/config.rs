@@ -11,6 +11,8 @@ use profile_cache::ProfileConfig;
 use profile_cache::segments::{Segment, SegmentErrors, compile};
 use serde::{Deserialize, Serialize};
 
+use crate::spool::SpoolConfig;
+
 /// The demo write key; accepted only on a loopback address.
 pub const DEMO_WRITE_KEY: &str = "demo";
 /// The demo API token; accepted only on a loopback address.
@@ -52,6 +54,8 @@ pub struct Config {
     pub segments_file: Option<RelativePathBuf>,
     /// The deadline scheduler, which re-evaluates profiles whose segments change by time.
     pub scheduler: SchedulerConfig,
+    /// The local spool that takes batches while Redis does not answer (off by default).
+    pub spool: SpoolConfig,
 }
 
 impl Default for Config {
@@ -71,6 +75,7 @@ impl Default for Config {
             segments: Vec::new(),
             segments_file: None,
             scheduler: SchedulerConfig::default(),
+            spool: SpoolConfig::default(),
         }
     }
 }
@@ -313,7 +318,28 @@ impl Config {
             .validate()
             .map_err(|e| invalid("profiles", e.to_string()))?;
         self.validate_scheduler()?;
+        self.validate_spool()?;
         self.segments()?;
+        Ok(())
+    }
+
+    fn validate_spool(&self) -> Result<(), ConfigError> {
+        if !self.spool.enabled {
+            return Ok(());
+        }
+        self.spool
+            .validate()
+            .map_err(|e| invalid(format!("spool.{}", e.field), e.problem))?;
+        let largest = self.spool.max_body_bytes();
+        if self.limits.max_body_bytes as u64 > largest {
+            return Err(invalid(
+                "spool.segment_size",
+                format!(
+                    "{} holds batch bodies up to {largest} bytes, less than limits.max_body_bytes ({})",
+                    self.spool.segment_size, self.limits.max_body_bytes
+                ),
+            ));
+        }
         Ok(())
     }
 

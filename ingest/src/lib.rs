@@ -10,6 +10,8 @@
 //! - [`store`]: the storage trait, for Redis and an in-memory test double.
 //! - [`scheduler`]: the task that re-evaluates profiles whose deadline has come.
 //! - [`rebuild`]: the task that rebuilds segment memberships after the definitions changed.
+//! - [`spool`]: the local spool batches go to while Redis does not answer, and
+//!   [`replay`]: the task that applies them when it answers again.
 //! - [`error`]: the one API error type and its JSON shape.
 
 pub mod api;
@@ -17,7 +19,9 @@ pub mod config;
 pub mod error;
 pub mod pipeline;
 pub mod rebuild;
+pub mod replay;
 pub mod scheduler;
+pub mod spool;
 pub mod store;
 
 use std::future::Future;
@@ -37,7 +41,8 @@ pub use scheduler::Scheduler;
 /// finish for at most `config.shutdown_timeout`. Unless `scheduler.enabled` is false, the
 /// deadline scheduler runs alongside and stops with the server. When the segment
 /// definitions differ from those recorded in Redis, the segment rebuild runs alongside too,
-/// until it is done or the server stops.
+/// until it is done or the server stops. With `spool.enabled`, batches go to the local spool
+/// while Redis does not answer, and its replayer applies them once it does.
 ///
 /// # Errors
 /// Redis cannot be reached at start (schema mismatch included), or the server fails.
@@ -66,11 +71,24 @@ pub async fn serve(
     });
     let rebuild = Rebuilder::new(&store, clock.clone());
     let rebuild = tokio::spawn(rebuild.run(stopping(stopping_rx.clone())));
+    let store: Arc<dyn store::ProfileStore> = Arc::new(store);
+    // Batches go to the spool while Redis does not answer; the replayer applies them.
+    let spool = if config.spool.enabled {
+        let (spool, replayer) = spool::Spool::open(&config.spool)
+            .await
+            .with_context(|| format!("opening the spool in {}", config.spool.dir.display()))?;
+        info!(dir = %spool.dir().display(), "spool open");
+        let replay = replay::run(replayer, store.clone(), stopping(stopping_rx.clone()));
+        Some((spool, tokio::spawn(replay)))
+    } else {
+        None
+    };
     let state = AppState {
-        store: Arc::new(store),
+        store,
         clock,
         config: Arc::new(config),
         segments: segments.into(),
+        spool: spool.as_ref().map(|(spool, _)| spool.clone()),
     };
     info!(addr = %listener.local_addr()?, "collector listening");
     let server = axum::serve(listener, router(state)).with_graceful_shutdown(async move {
@@ -103,6 +121,16 @@ pub async fn serve(
             result.context("segment rebuild task failed")?;
         }
         () = &mut stopped => warn!(?timeout, "the segment rebuild's step did not finish in time"),
+    }
+    if let Some((spool, replay)) = spool {
+        // Every accepted batch is written and synced before the process ends.
+        if let Err(err) = spool.close().await {
+            warn!(cause = %err, "closing the spool");
+        }
+        tokio::select! {
+            result = replay => result.context("spool replay task failed")?,
+            () = &mut stopped => warn!(?timeout, "the spool replay did not stop in time"),
+        }
     }
     info!("collector stopped");
     Ok(())

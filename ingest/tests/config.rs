@@ -288,3 +288,30 @@ fn scheduler_settings_that_cannot_work_are_refused_by_name() {
     let err = Config::load(Some(f.path()), &[]).unwrap_err().to_string();
     assert!(err.contains("unknown field: found `lease_time`"), "{err}");
 }
+
+#[test]
+fn spool_settings_take_sizes_and_must_hold_the_largest_body() {
+    let f = file(
+        "[spool]\nenabled = true\ndir = \"/var/spool/pz\"\nsegment_size = \"8MiB\"\nmax_size = \"1 GiB\"\nfsync = \"interval\"\nfsync_interval = \"50ms\"\n",
+    );
+    let config = Config::load(Some(f.path()), &[]).unwrap();
+    assert!(config.spool.enabled);
+    assert_eq!(config.spool.dir, std::path::Path::new("/var/spool/pz"));
+    assert_eq!(config.spool.segment_size.as_u64(), 8 * 1024 * 1024);
+    assert_eq!(config.spool.max_size.as_u64(), 1 << 30);
+    assert_eq!(config.spool.fsync_interval, Duration::from_millis(50));
+    // The default body limit is 512 KiB: a 256 KiB segment cannot hold the largest batch.
+    let f = file("[spool]\nenabled = true\nsegment_size = \"256KiB\"\nmax_size = \"1MiB\"\n");
+    let err = Config::load(Some(f.path()), &[]).unwrap_err().to_string();
+    assert!(
+        err.starts_with("spool.segment_size: 256KiB holds batch bodies up to 260996 bytes,")
+            && err.ends_with("less than limits.max_body_bytes (524288)"),
+        "{err}"
+    );
+    let f = file("[spool]\nenabled = true\nmax_size = \"64MiB\"\n");
+    let err = Config::load(Some(f.path()), &[]).unwrap_err().to_string();
+    assert!(err.starts_with("spool.max_size:"), "{err}");
+    // Off, its settings are not checked against each other.
+    let f = file("[spool]\nsegment_size = \"256KiB\"\n");
+    assert!(!Config::load(Some(f.path()), &[]).unwrap().spool.enabled);
+}

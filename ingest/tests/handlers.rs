@@ -43,6 +43,7 @@ fn app_with(config: Config) -> (Router, Arc<MemoryStore>) {
         store: store.clone(),
         clock: Arc::new(Fixed),
         segments: config.segments().expect("test segments compile").into(),
+        spool: None,
         config: Arc::new(config),
     };
     (router(state), store)
@@ -705,4 +706,69 @@ async fn placeholder_ids_never_name_a_person() {
     let applied = store.applied();
     assert_eq!(applied.len(), 1);
     assert_eq!(applied[0].user_id, None, "the page view stays anonymous");
+}
+
+/// While the store is down, batches are spooled and acknowledged; while the spool holds
+/// any, later batches queue behind them; the replayer applies them all, in order, once the
+/// store answers.
+#[tokio::test]
+async fn batches_spooled_while_the_store_is_down_are_replayed_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = ingest::spool::SpoolConfig {
+        enabled: true,
+        dir: dir.path().join("spool"),
+        ..Default::default()
+    };
+    let (spool, replayer) = ingest::spool::Spool::open(&config).await.unwrap();
+    let store = Arc::new(MemoryStore::default());
+    let state = AppState {
+        store: store.clone(),
+        clock: Arc::new(Fixed),
+        segments: Arc::from([]),
+        spool: Some(spool.clone()),
+        config: Arc::new(Config {
+            write_keys: vec![WriteKey {
+                key: "site-key".into(),
+                origins: vec![],
+            }],
+            ..Config::default()
+        }),
+    };
+    let app = router(state);
+    store.set_down(true);
+    let (status, body, _) = send(&app, post(wire::encode(&batch(vec![page(1), page(2)])))).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        body,
+        json!({"accepted": 2, "rejected": [], "spooled": true})
+    );
+    // The store is back, but the spool is not drained: this batch goes behind the others.
+    store.set_down(false);
+    let (_, body, _) = send(&app, post(wire::encode(&batch(vec![page(3)])))).await;
+    assert_eq!(body["spooled"], true);
+    assert!(store.applied().is_empty());
+
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let replay = tokio::spawn(ingest::replay::run(replayer, store.clone(), async {
+        let _ = stopped.await;
+    }));
+    for _ in 0..100 {
+        if spool.is_drained() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(spool.is_drained());
+    let ids: Vec<u8> = store
+        .applied()
+        .iter()
+        .flat_map(|u| &u.events)
+        .map(|e| e.message_id.as_bytes()[0])
+        .collect();
+    assert_eq!(ids, [1, 2, 3], "in the order they were accepted");
+    // Drained: the next batch goes straight to the store.
+    let (_, body, _) = send(&app, post(wire::encode(&batch(vec![page(4)])))).await;
+    assert_eq!(body, json!({"accepted": 1, "rejected": []}));
+    let _ = stop.send(());
+    replay.await.unwrap();
 }

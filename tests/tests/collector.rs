@@ -660,3 +660,68 @@ fn the_production_redis_config_keeps_acknowledged_events_through_a_crash() {
     assert_eq!(p["page_views"], 20);
     assert_eq!(p["events"], 20);
 }
+
+/// With the spool on, batches that arrive while Redis is down are acknowledged from the
+/// spool and applied when Redis is back, in order and once each, even when the collector is
+/// killed (SIGKILL) before it could replay them.
+#[test]
+fn batches_spooled_while_redis_is_down_survive_a_collector_crash_and_apply_once() {
+    let redis_dir = tempfile::tempdir().unwrap();
+    let spool_dir = tempfile::tempdir().unwrap();
+    let port = support::free_port();
+    let spool = format!(
+        "[spool]\nenabled = true\ndir = \"{}\"\n[profiles]\nredis_timeout = \"500ms\"\n",
+        spool_dir.path().display()
+    );
+    let redis = RedisServer::start_with_dir(redis_dir.path(), port).unwrap();
+    let ingest = Ingest::start_with(&redis.url(), &spool);
+    let send = |ingest: &Ingest, first: u32, n: u32| {
+        let events = (first..first + n)
+            .map(|i| ev(i, wire::EventKind::Page))
+            .collect();
+        json(post(ingest, wire::encode(&batch("spooled-1", events))))
+    };
+    let (status, body) = send(&ingest, 1, 3);
+    assert_eq!(
+        (status, body),
+        (StatusCode::OK, json!({"accepted": 3, "rejected": []}))
+    );
+
+    drop(redis);
+    let (status, body) = send(&ingest, 10, 2);
+    assert_eq!(
+        (status, body),
+        (
+            StatusCode::OK,
+            json!({"accepted": 2, "rejected": [], "spooled": true})
+        )
+    );
+    // The tracker retries a batch whose answer it lost: spooled again, counted once.
+    let (status, _) = send(&ingest, 10, 2);
+    assert_eq!(status, StatusCode::OK);
+    let (status, body) = send(&ingest, 20, 4);
+    assert_eq!(
+        (status, body["spooled"].clone()),
+        (StatusCode::OK, json!(true))
+    );
+    drop(ingest); // SIGKILL, with three batches in the spool
+
+    let _redis = RedisServer::start_with_dir(redis_dir.path(), port).unwrap();
+    let ingest = Ingest::start_with(&_redis.url(), &spool);
+    let p = (0..100)
+        .find_map(|_| match profile(&ingest, "spooled-1") {
+            (StatusCode::OK, p) if p["page_views"] == 9 => Some(p),
+            _ => {
+                std::thread::sleep(Duration::from_millis(100));
+                None
+            }
+        })
+        .expect("the spooled batches are applied after the restart");
+    assert_eq!(
+        p["events"], 9,
+        "3 applied at once, 2 + 4 from the spool, the retry once"
+    );
+    // Nothing is left to replay.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(profile(&ingest, "spooled-1").1["events"], 9);
+}
