@@ -243,13 +243,9 @@ mod tests {
 
     use std::collections::BTreeMap;
 
-    use figment::Figment;
-    use figment::providers::{Format, Toml};
-    use profile_cache::segments::{Segment, compile};
-    use profile_cache::testing::{RedisServer, free_port};
-    use profile_cache::{
-        Event, EventKind, LifecycleThresholds, ProfileConfig, ProfileId, ProfileUpdate, Purpose,
-    };
+    use profile_cache::segments::Segment;
+    use profile_cache::testing::{self, RedisServer, free_port};
+    use profile_cache::{Event, EventKind, ProfileId, ProfileUpdate, Purpose};
     use redis::AsyncCommands;
     use redis::aio::MultiplexedConnection;
     use time::OffsetDateTime;
@@ -268,37 +264,14 @@ mod tests {
     }
 
     fn segments(at_least: u32) -> Vec<Segment> {
-        #[derive(serde::Deserialize)]
-        struct Tables {
-            segments: Vec<serde_json::Value>,
-        }
-        let toml = format!(
+        testing::segments(&format!(
             "[[segments]]\nname = \"big\"\ncondition = {{ metric = {{ field = \"orders\", at_least = {at_least} }} }}\n"
-        );
-        let tables: Tables = Figment::from(Toml::string(&toml)).extract().unwrap();
-        compile(&tables.segments, &LifecycleThresholds::default()).unwrap()
-    }
-
-    async fn store(url: &str, segments: &[Segment]) -> RedisProfiles {
-        RedisProfiles::connect(url, ProfileConfig::default())
-            .await
-            .unwrap()
-            .with_segments(segments)
-            .await
-            .unwrap()
-    }
-
-    async fn raw(url: &str) -> MultiplexedConnection {
-        redis::Client::open(url)
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap()
+        ))
     }
 
     /// `n` profiles with two orders each, under definitions that record "big" at 2 orders.
-    async fn populated(url: &str, n: usize) {
-        let old = store(url, &segments(2)).await;
+    async fn populated(redis: &RedisServer, n: usize) {
+        let old = redis.profiles(&segments(2)).await;
         let summary = Rebuilder::new(&old, Arc::new(Fixed))
             .run(std::future::pending())
             .await;
@@ -370,8 +343,8 @@ mod tests {
     async fn the_task_rebuilds_until_the_definitions_are_recorded_and_ends() {
         const PROFILES: usize = 50;
         let redis = RedisServer::start().unwrap();
-        populated(&redis.url(), PROFILES).await;
-        let new = store(&redis.url(), &segments(3)).await;
+        populated(&redis, PROFILES).await;
+        let new = redis.profiles(&segments(3)).await;
         let rebuild = new.rebuild().with_batches(30, 10);
         let summary = Rebuilder::with_rebuild(rebuild, Arc::new(Fixed))
             .run(std::future::pending())
@@ -388,7 +361,7 @@ mod tests {
         assert!(summary.batches > 1, "{summary:?}");
         assert!(summary.current);
 
-        let mut conn = raw(&redis.url()).await;
+        let mut conn = redis.connection().await;
         assert_eq!(
             transition_counts(&mut conn).await,
             BTreeMap::from([
@@ -413,15 +386,15 @@ mod tests {
     async fn shutdown_pauses_the_rebuild_and_the_next_collector_continues_it() {
         const PROFILES: usize = 60;
         let redis = RedisServer::start().unwrap();
-        populated(&redis.url(), PROFILES).await;
-        let new = store(&redis.url(), &segments(3)).await;
+        populated(&redis, PROFILES).await;
+        let new = redis.profiles(&segments(3)).await;
 
         // Shutdown has begun already: one step, then the lease is given up.
         let first = Rebuilder::with_rebuild(new.rebuild().with_batches(30, 10), Arc::new(Fixed))
             .run(std::future::ready(()))
             .await;
         assert_eq!((first.batches, first.current), (1, false), "{first:?}");
-        let mut conn = raw(&redis.url()).await;
+        let mut conn = redis.connection().await;
         let lease: bool = conn.exists("meta:{segments}:rebuild_lease").await.unwrap();
         assert!(!lease, "released");
         let cursor: String = conn
@@ -450,8 +423,8 @@ mod tests {
     async fn a_collector_waits_while_another_rebuilds_and_ends_when_it_is_done() {
         const PROFILES: usize = 40;
         let redis = RedisServer::start().unwrap();
-        populated(&redis.url(), PROFILES).await;
-        let new = store(&redis.url(), &segments(3)).await;
+        populated(&redis, PROFILES).await;
+        let new = redis.profiles(&segments(3)).await;
         let mut other = new.rebuild().with_batches(30, 10);
         assert!(matches!(other.step(T0).await.unwrap(), Step::Evaluated(_)));
 
@@ -474,8 +447,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port().unwrap();
         let redis = RedisServer::start_with_dir(dir.path(), port).unwrap();
-        populated(&redis.url(), PROFILES).await;
-        let new = store(&redis.url(), &segments(3)).await;
+        populated(&redis, PROFILES).await;
+        let new = redis.profiles(&segments(3)).await;
         drop(redis);
 
         let task = tokio::spawn(
@@ -491,7 +464,7 @@ mod tests {
             .unwrap();
         assert!(summary.current);
         assert_eq!(summary.evaluated, PROFILES as u64);
-        let mut conn = raw(&redis.url()).await;
+        let mut conn = redis.connection().await;
         assert_eq!(
             transition_counts(&mut conn).await,
             BTreeMap::from([

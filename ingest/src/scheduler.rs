@@ -175,14 +175,8 @@ mod tests {
     use std::collections::BTreeMap;
     use std::sync::Mutex;
 
-    use figment::Figment;
-    use figment::providers::{Format, Toml};
-    use profile_cache::segments::{Segment, compile};
-    use profile_cache::testing::{RedisServer, free_port};
-    use profile_cache::{
-        Event, EventKind, Item, LifecycleThresholds, ProfileConfig, ProfileId, ProfileUpdate,
-        Purpose,
-    };
+    use profile_cache::testing::{RedisServer, free_port, segments};
+    use profile_cache::{Event, EventKind, Item, ProfileId, ProfileUpdate, Purpose};
     use redis::AsyncCommands;
     use redis::aio::MultiplexedConnection;
     use time::macros::datetime;
@@ -221,32 +215,6 @@ mod tests {
             lease: Duration::from_secs(30),
             batch_size: 100,
         }
-    }
-
-    fn segments(toml: &str) -> Vec<Segment> {
-        #[derive(serde::Deserialize)]
-        struct Tables {
-            segments: Vec<serde_json::Value>,
-        }
-        let tables: Tables = Figment::from(Toml::string(toml)).extract().unwrap();
-        compile(&tables.segments, &LifecycleThresholds::default()).unwrap()
-    }
-
-    async fn store(url: &str, segments: &[Segment]) -> RedisProfiles {
-        RedisProfiles::connect(url, ProfileConfig::default())
-            .await
-            .unwrap()
-            .with_segments(segments)
-            .await
-            .unwrap()
-    }
-
-    async fn raw(url: &str) -> MultiplexedConnection {
-        redis::Client::open(url)
-            .unwrap()
-            .get_multiplexed_async_connection()
-            .await
-            .unwrap()
     }
 
     /// An event at `ts`, received at T0, with a shoe in it for the kinds that carry items.
@@ -473,8 +441,8 @@ mod tests {
                 "[[segments]]\nname = \"s{i}\"\ncondition = {}\n",
                 case.condition
             );
-            let profiles = store(&redis.url(), &segments(&toml)).await;
-            let mut conn = raw(&redis.url()).await;
+            let profiles = redis.profiles(&segments(&toml)).await;
+            let mut conn = redis.connection().await;
             let id = ProfileId::anonymous("v").unwrap();
             let events = (case.events.iter().enumerate())
                 .map(|(n, (kind, offset))| event(n as u128, *kind, T0 + *offset))
@@ -525,10 +493,7 @@ mod tests {
             ] }
             "#,
         );
-        let (a, b) = (
-            store(&redis.url(), &cart).await,
-            store(&redis.url(), &cart).await,
-        );
+        let (a, b) = (redis.profiles(&cart).await, redis.profiles(&cart).await);
         let ids: Vec<ProfileId> = (0..PROFILES)
             .map(|i| ProfileId::anonymous(&format!("v{i}")).unwrap())
             .collect();
@@ -570,7 +535,7 @@ mod tests {
         assert_eq!((by_a.superseded, by_b.superseded), (0, 0));
         assert_eq!((by_a.failed, by_b.failed), (0, 0));
 
-        let mut conn = raw(&redis.url()).await;
+        let mut conn = redis.connection().await;
         let mut written = all_transitions(&mut conn).await;
         written.sort();
         let entered = |id: &ProfileId| {
@@ -590,7 +555,7 @@ mod tests {
         let cart = segments(
             "[[segments]]\nname = \"cart_30m\"\ncondition = { older_than = { field = \"cart_updated_at\", duration = \"30m\" } }\n",
         );
-        let profiles = store(&redis.url(), &cart).await;
+        let profiles = redis.profiles(&cart).await;
         let id = ProfileId::anonymous("v").unwrap();
         profiles
             .apply(&[update(&id, vec![event(1, EventKind::CartAdd, T0)])])
@@ -608,7 +573,7 @@ mod tests {
 
         // Back, without the scripts it had loaded: the scheduler reconnects and catches up.
         let redis = RedisServer::start_with_dir(dir.path(), port).unwrap();
-        let mut conn = raw(&redis.url()).await;
+        let mut conn = redis.connection().await;
         let expected = vec![transition(
             "a:v",
             "cart_30m",

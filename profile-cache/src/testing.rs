@@ -2,6 +2,9 @@
 //! waited for until they answer, stopped on drop. Blocking (std only), so sync tools and
 //! async tests can both use them.
 //!
+//! Also the setup tests share: [`segments`] compiles `[[segments]]` tables written as TOML,
+//! [`RedisServer::profiles`] connects a store, [`RedisServer::connection`] a plain client.
+//!
 //! They never talk to a Redis they did not start: the port must be free before the server
 //! starts, the server that answers must report our child's process id, and port 6379 (where
 //! a developer's own Redis lives) is refused outright.
@@ -11,6 +14,14 @@ use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use figment::Figment;
+use figment::providers::{Format, Toml};
+use redis::aio::MultiplexedConnection;
+
+use crate::LifecycleThresholds;
+use crate::segments::{Segment, compile};
+use crate::store::{ProfileConfig, RedisProfiles};
 
 /// The command that installs `redis-server` on Debian and Ubuntu.
 pub const INSTALL_HINT: &str = "sudo apt-get install -y redis-server";
@@ -232,6 +243,31 @@ impl RedisServer {
         &self.dir
     }
 
+    /// A store on this server with the default settings, evaluating `segments`.
+    ///
+    /// # Panics
+    /// The server does not answer.
+    pub async fn profiles(&self, segments: &[Segment]) -> RedisProfiles {
+        RedisProfiles::connect(&self.url(), ProfileConfig::default())
+            .await
+            .expect("connect to the test redis-server")
+            .with_segments(segments)
+            .await
+            .expect("load the apply script")
+    }
+
+    /// A plain client connection, to read and write keys directly.
+    ///
+    /// # Panics
+    /// The server does not answer.
+    pub async fn connection(&self) -> MultiplexedConnection {
+        redis::Client::open(self.url())
+            .expect("a redis URL")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to the test redis-server")
+    }
+
     /// Kills the server with SIGKILL, as a crash would: nothing is written on the way out.
     pub fn crash(mut self) {
         let _ = self.child.kill();
@@ -252,6 +288,22 @@ impl Drop for RedisServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Compiles `[[segments]]` tables written as TOML, read the way the collector reads its
+/// configuration, with the default lifecycle thresholds.
+///
+/// # Panics
+/// The TOML or a definition is bad (the message says which).
+pub fn segments(toml: &str) -> Vec<Segment> {
+    #[derive(serde::Deserialize)]
+    struct Tables {
+        segments: Vec<serde_json::Value>,
+    }
+    let tables: Tables = Figment::from(Toml::string(toml))
+        .extract()
+        .unwrap_or_else(|e| panic!("{e}"));
+    compile(&tables.segments, &LifecycleThresholds::default()).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// A port on 127.0.0.1 that was free a moment ago.

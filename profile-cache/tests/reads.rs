@@ -9,12 +9,11 @@ use std::num::NonZeroUsize;
 
 use profile_cache::segments::compile;
 use profile_cache::{
-    Context, Event, EventKind, LifecycleThresholds, ProfileConfig, ProfileId, ProfileUpdate,
-    Purpose, RedisProfiles, StoreError, Value,
+    Context, Event, EventKind, LifecycleThresholds, ProfileId, ProfileUpdate, Purpose,
+    RedisProfiles, StoreError, Value,
 };
 use profile_cache::{MemberCursor, MemberPage, MembersRequest, SegmentMember};
 use redis::AsyncCommands;
-use redis::aio::MultiplexedConnection;
 use serde_json::json;
 use time::OffsetDateTime;
 use time::macros::datetime;
@@ -45,20 +44,7 @@ async fn store(redis: &RedisServer) -> RedisProfiles {
         &LifecycleThresholds::default(),
     )
     .unwrap();
-    RedisProfiles::connect(&redis.url(), ProfileConfig::default())
-        .await
-        .unwrap()
-        .with_segments(&segments)
-        .await
-        .unwrap()
-}
-
-async fn raw(redis: &RedisServer) -> MultiplexedConnection {
-    redis::Client::open(redis.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap()
+    redis.profiles(&segments).await
 }
 
 fn event(n: u128, kind: EventKind, received_at: OffsetDateTime) -> Event {
@@ -263,7 +249,7 @@ async fn a_page_carries_the_requested_traits_and_leaves_missing_ones_out() {
     assert_eq!(second.next, None);
 
     // A member whose profile has no traits at all still comes back, with none.
-    let mut conn = raw(&redis).await;
+    let mut conn = redis.connection().await;
     let _: () = conn
         .zadd("segment:{identified}:members", "u:ghost", ms(later) + 1)
         .await
@@ -280,7 +266,7 @@ async fn a_page_carries_the_requested_traits_and_leaves_missing_ones_out() {
 async fn walking_every_page_of_2500_members_returns_each_once_in_order() {
     let redis = RedisServer::start().unwrap();
     let store = store(&redis).await;
-    let mut conn = raw(&redis).await;
+    let mut conn = redis.connection().await;
     let key = "segment:{visitors}:members";
     let base = ms(NOW);
     // Ties of up to 100 members on one millisecond, ids inserted out of order, `a:` and `u:`
@@ -327,7 +313,7 @@ async fn walking_every_page_of_2500_members_returns_each_once_in_order() {
 async fn members_present_throughout_a_walk_are_returned_once_while_others_enter_and_leave() {
     let redis = RedisServer::start().unwrap();
     let store = store(&redis).await;
-    let mut conn = raw(&redis).await;
+    let mut conn = redis.connection().await;
     let key = "segment:{visitors}:members";
     let base = ms(NOW);
     // 600 members in ties of 20. Members whose number is a multiple of 3 are "volatile"
@@ -419,7 +405,7 @@ async fn members_present_throughout_a_walk_are_returned_once_while_others_enter_
 async fn a_walk_under_concurrent_churn_returns_every_steady_member_once() {
     let redis = RedisServer::start().unwrap();
     let store = store(&redis).await;
-    let mut conn = raw(&redis).await;
+    let mut conn = redis.connection().await;
     let key = "segment:{visitors}:members";
     let base = ms(NOW);
     let mut pipe = redis::pipe();
@@ -434,7 +420,7 @@ async fn a_walk_under_concurrent_churn_returns_every_steady_member_once() {
 
     // Another connection keeps adding and removing members on the same milliseconds
     // while the walk runs.
-    let mut churn_conn = raw(&redis).await;
+    let mut churn_conn = redis.connection().await;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let churn = tokio::spawn({
         let stop = stop.clone();
@@ -512,7 +498,7 @@ fn corrupt(err: StoreError) -> (String, String, String) {
 async fn odd_data_is_an_error_naming_the_key_not_a_panic() {
     let redis = RedisServer::start().unwrap();
     let store = store(&redis).await;
-    let mut conn = raw(&redis).await;
+    let mut conn = redis.connection().await;
 
     let _: () = conn.set("segment:{text}:members", "x").await.unwrap();
     let (key, _, detail) = corrupt(

@@ -8,14 +8,12 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use figment::Figment;
-use figment::providers::{Format, Toml};
 use profile_cache::rebuild::{Evaluated, Removed};
-use profile_cache::segments::{Segment, compile, fingerprint_all};
-use profile_cache::testing::RedisServer;
+use profile_cache::segments::{Segment, fingerprint_all};
+use profile_cache::testing::{RedisServer, segments};
 use profile_cache::{
-    Changes, Context, Event, EventKind, Item, LifecycleThresholds, Outcome, ProfileConfig,
-    ProfileId, ProfileUpdate, Purpose, Reason, Rebuild, RedisProfiles, Step,
+    Changes, Context, Event, EventKind, Item, Outcome, ProfileId, ProfileUpdate, Purpose, Reason,
+    Rebuild, RedisProfiles, Step,
 };
 use redis::AsyncCommands;
 use redis::aio::MultiplexedConnection;
@@ -32,35 +30,6 @@ fn at(minute: i64) -> OffsetDateTime {
 
 fn ms(t: OffsetDateTime) -> i64 {
     (t.unix_timestamp_nanos() / 1_000_000) as i64
-}
-
-#[derive(serde::Deserialize)]
-struct Tables {
-    segments: Vec<serde_json::Value>,
-}
-
-fn segments(toml: &str) -> Vec<Segment> {
-    let tables: Tables = Figment::from(Toml::string(toml))
-        .extract()
-        .unwrap_or_else(|e| panic!("{e}"));
-    compile(&tables.segments, &LifecycleThresholds::default()).unwrap_or_else(|e| panic!("{e}"))
-}
-
-async fn store(redis: &RedisServer, segments: &[Segment]) -> RedisProfiles {
-    RedisProfiles::connect(&redis.url(), ProfileConfig::default())
-        .await
-        .unwrap()
-        .with_segments(segments)
-        .await
-        .unwrap()
-}
-
-async fn raw(redis: &RedisServer) -> MultiplexedConnection {
-    redis::Client::open(redis.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap()
 }
 
 fn anon(id: &str) -> ProfileId {
@@ -266,9 +235,9 @@ condition = { all = [
 #[tokio::test]
 async fn a_changed_condition_moves_existing_profiles_and_their_deadlines() {
     let redis = RedisServer::start().unwrap();
-    let mut conn = raw(&redis).await;
+    let mut conn = redis.connection().await;
     let before = segments(&format!("{BIG_2}{CART_30M}"));
-    let old = store(&redis, &before).await;
+    let old = redis.profiles(&before).await;
     for (id, n) in [("p1", 1), ("p2", 2), ("p3", 3)] {
         old.apply(&[orders(&anon(id), n)]).await.unwrap();
     }
@@ -313,7 +282,7 @@ async fn a_changed_condition_moves_existing_profiles_and_their_deadlines() {
         ] }
         "#,
     );
-    let new = store(&redis, &after).await;
+    let new = redis.profiles(&after).await;
     let mut rebuild = new.rebuild();
     assert_eq!(
         rebuild.changes().await.unwrap(),
@@ -341,9 +310,9 @@ async fn a_changed_condition_moves_existing_profiles_and_their_deadlines() {
 #[tokio::test]
 async fn a_new_segment_fills_from_existing_profiles() {
     let redis = RedisServer::start().unwrap();
-    let mut conn = raw(&redis).await;
+    let mut conn = redis.connection().await;
     let before = segments(BIG_2);
-    let old = store(&redis, &before).await;
+    let old = redis.profiles(&before).await;
     finish(&mut old.rebuild(), T0).await;
     for (id, n) in [("p1", 1), ("p2", 2), ("p3", 0)] {
         let mut u = orders(&anon(id), n);
@@ -359,7 +328,7 @@ async fn a_new_segment_fills_from_existing_profiles() {
         condition = {{ within = {{ field = "last_order_at", duration = "7d" }} }}
         "#
     ));
-    let new = store(&redis, &after).await;
+    let new = redis.profiles(&after).await;
     let mut rebuild = new.rebuild();
     assert_eq!(
         rebuild.changes().await.unwrap(),
@@ -400,7 +369,7 @@ async fn a_new_segment_fills_from_existing_profiles() {
 #[tokio::test]
 async fn a_removed_segment_is_emptied_with_exit_transitions_and_its_keys_gone() {
     let redis = RedisServer::start().unwrap();
-    let mut conn = raw(&redis).await;
+    let mut conn = redis.connection().await;
     let before = segments(&format!(
         r#"{BIG_2}
         [[segments]]
@@ -408,7 +377,7 @@ async fn a_removed_segment_is_emptied_with_exit_transitions_and_its_keys_gone() 
         condition = {{ metric = {{ field = "orders", at_least = 1 }} }}
         "#
     ));
-    let old = store(&redis, &before).await;
+    let old = redis.profiles(&before).await;
     finish(&mut old.rebuild(), T0).await;
     let ids: Vec<ProfileId> = (0..7).map(|i| anon(&format!("p{i}"))).collect();
     for id in &ids {
@@ -422,7 +391,7 @@ async fn a_removed_segment_is_emptied_with_exit_transitions_and_its_keys_gone() 
     let (_, last) = transitions_after(&mut conn, "0").await;
 
     let after = segments(BIG_2);
-    let new = store(&redis, &after).await;
+    let new = redis.profiles(&after).await;
     let mut rebuild = new.rebuild().with_batches(1_000, 3);
     assert_eq!(
         rebuild.changes().await.unwrap(),
@@ -483,9 +452,9 @@ async fn a_removed_segment_is_emptied_with_exit_transitions_and_its_keys_gone() 
 #[tokio::test]
 async fn an_unchanged_configuration_at_restart_triggers_no_rebuild() {
     let redis = RedisServer::start().unwrap();
-    let mut conn = raw(&redis).await;
+    let mut conn = redis.connection().await;
     let config = format!("{BIG_2}{CART_30M}");
-    let first = store(&redis, &segments(&config)).await;
+    let first = redis.profiles(&segments(&config)).await;
     first
         .apply(&[update(&anon("p"), vec![ev(1, EventKind::CartAdd, T0)])])
         .await
@@ -501,7 +470,7 @@ async fn an_unchanged_configuration_at_restart_triggers_no_rebuild() {
     let same = segments(&format!(
         "{CART_30M}\n[[segments]]\nname = \"big\"\ndescription = \"Two orders\"\ncondition = {{ metric = {{ field = \"orders\", at_least = 2 }} }}\n"
     ));
-    let restarted = store(&redis, &same).await;
+    let restarted = redis.profiles(&same).await;
     let mut rebuild = restarted.rebuild();
     assert_eq!(rebuild.target(), first.rebuild().target());
     assert!(rebuild.changes().await.unwrap().is_empty());
@@ -522,7 +491,7 @@ async fn an_unchanged_configuration_at_restart_triggers_no_rebuild() {
 
 /// `n` profiles with 2 orders each, recorded under `before`.
 async fn populated(redis: &RedisServer, before: &[Segment], n: usize) -> Vec<ProfileId> {
-    let old = store(redis, before).await;
+    let old = redis.profiles(before).await;
     finish(&mut old.rebuild(), T0).await;
     let ids: Vec<ProfileId> = (0..n).map(|i| anon(&format!("p{i:03}"))).collect();
     let updates: Vec<ProfileUpdate> = ids.iter().map(|id| orders(id, 2)).collect();
@@ -542,11 +511,11 @@ condition = { metric = { field = "orders", at_least = 2 } }
 async fn an_interrupted_rebuild_resumes_from_its_cursor_and_writes_each_transition_once() {
     const PROFILES: usize = 120;
     let redis = RedisServer::start().unwrap();
-    let mut conn = raw(&redis).await;
+    let mut conn = redis.connection().await;
     let ids = populated(&redis, &segments(BIG_2), PROFILES).await;
     let (_, last) = transitions_after(&mut conn, "0").await;
     let after = segments(&format!("{BIG_2}{VIP}"));
-    let new = store(&redis, &after).await;
+    let new = redis.profiles(&after).await;
     let small = |r: Rebuild| {
         r.with_batches(40, 100)
             .with_lease(Duration::from_millis(300))
@@ -612,13 +581,13 @@ async fn an_interrupted_rebuild_resumes_from_its_cursor_and_writes_each_transiti
 async fn definitions_changed_again_midway_start_the_rebuild_over() {
     const PROFILES: usize = 60;
     let redis = RedisServer::start().unwrap();
-    let mut conn = raw(&redis).await;
+    let mut conn = redis.connection().await;
     populated(&redis, &segments(BIG_2), PROFILES).await;
-    let second = store(&redis, &segments(&format!("{BIG_2}{VIP}"))).await;
+    let second = redis.profiles(&segments(&format!("{BIG_2}{VIP}"))).await;
     let third_defs = segments(&format!(
         "{BIG_2}\n[[segments]]\nname = \"vip\"\ncondition = {{ metric = {{ field = \"orders\", at_least = 3 }} }}\n"
     ));
-    let third = store(&redis, &third_defs).await;
+    let third = redis.profiles(&third_defs).await;
 
     let mut a = second.rebuild().with_batches(40, 100);
     let by_a = pages(&mut a, at(10), 2).await;
@@ -650,11 +619,11 @@ async fn definitions_changed_again_midway_start_the_rebuild_over() {
 async fn two_collectors_starting_at_once_do_not_both_rebuild() {
     const PROFILES: usize = 150;
     let redis = RedisServer::start().unwrap();
-    let mut conn = raw(&redis).await;
+    let mut conn = redis.connection().await;
     let ids = populated(&redis, &segments(BIG_2), PROFILES).await;
     let (_, last) = transitions_after(&mut conn, "0").await;
     let after = segments(&format!("{BIG_2}{VIP}"));
-    let (x, y) = (store(&redis, &after).await, store(&redis, &after).await);
+    let (x, y) = (redis.profiles(&after).await, redis.profiles(&after).await);
 
     async fn collector(store: RedisProfiles) -> Tally {
         let mut rebuild = store.rebuild().with_batches(40, 100);
@@ -693,8 +662,8 @@ async fn two_collectors_starting_at_once_do_not_both_rebuild() {
 #[tokio::test]
 async fn an_update_between_the_claim_and_the_evaluation_is_not_undone() {
     let redis = RedisServer::start().unwrap();
-    let mut conn = raw(&redis).await;
-    let old = store(&redis, &segments(BIG_2)).await;
+    let mut conn = redis.connection().await;
+    let old = redis.profiles(&segments(BIG_2)).await;
     finish(&mut old.rebuild(), T0).await;
     let (p, q) = (anon("p"), anon("q"));
     for id in [&p, &q] {
@@ -702,7 +671,9 @@ async fn an_update_between_the_claim_and_the_evaluation_is_not_undone() {
             .await
             .unwrap();
     }
-    let new = store(&redis, &segments(&format!("{BIG_2}{CART_30M}"))).await;
+    let new = redis
+        .profiles(&segments(&format!("{BIG_2}{CART_30M}")))
+        .await;
 
     // The rebuild claims its page a second before the cart turns 30 minutes old...
     let now = at(30) - time::Duration::SECOND;
@@ -753,13 +724,13 @@ async fn an_update_between_the_claim_and_the_evaluation_is_not_undone() {
 async fn updates_between_steps_are_evaluated_with_the_new_definitions_and_kept() {
     const PROFILES: usize = 80;
     let redis = RedisServer::start().unwrap();
-    let mut conn = raw(&redis).await;
+    let mut conn = redis.connection().await;
     let ids = populated(&redis, &segments(BIG_2), PROFILES).await;
     let (_, last) = transitions_after(&mut conn, "0").await;
     let stricter = segments(
         "[[segments]]\nname = \"big\"\ncondition = { metric = { field = \"orders\", at_least = 3 } }\n",
     );
-    let new = store(&redis, &stricter).await;
+    let new = redis.profiles(&stricter).await;
     let mut rebuild = new.rebuild().with_batches(30, 100);
     // Between steps, every tenth profile orders a third time: collectors keep serving.
     let mut tally = Tally::default();
@@ -814,14 +785,16 @@ async fn updates_between_steps_are_evaluated_with_the_new_definitions_and_kept()
 #[tokio::test]
 async fn a_profile_claimed_by_a_scheduler_is_taken_over_and_evaluated_once() {
     let redis = RedisServer::start().unwrap();
-    let mut conn = raw(&redis).await;
+    let mut conn = redis.connection().await;
     let before = segments(CART_30M);
-    let old = store(&redis, &before).await;
+    let old = redis.profiles(&before).await;
     finish(&mut old.rebuild(), T0).await;
     old.apply(&[update(&anon("p"), vec![ev(1, EventKind::CartAdd, T0)])])
         .await
         .unwrap();
-    let new = store(&redis, &segments(&format!("{CART_30M}{BIG_2}"))).await;
+    let new = redis
+        .profiles(&segments(&format!("{CART_30M}{BIG_2}")))
+        .await;
 
     // A scheduler claims p at its deadline; the rebuild's page takes p over and evaluates
     // it; the scheduler's evaluation then writes nothing.
@@ -845,7 +818,7 @@ async fn a_profile_claimed_by_a_scheduler_is_taken_over_and_evaluated_once() {
 async fn the_target_is_the_fingerprint_of_the_whole_set() {
     let redis = RedisServer::start().unwrap();
     let defs = segments(&format!("{BIG_2}{CART_30M}"));
-    let s = store(&redis, &defs).await;
+    let s = redis.profiles(&defs).await;
     let fingerprints: Vec<(String, String)> = defs
         .iter()
         .map(|d| (d.name.clone(), d.fingerprint().unwrap()))

@@ -91,14 +91,6 @@ async fn store(redis: &RedisServer, config: ProfileConfig) -> RedisProfiles {
     RedisProfiles::connect(&redis.url(), config).await.unwrap()
 }
 
-async fn raw(redis: &RedisServer) -> redis::aio::MultiplexedConnection {
-    redis::Client::open(redis.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap()
-}
-
 async fn profile(store: &RedisProfiles, id: &ProfileId) -> Profile {
     store
         .profile(id, NOW)
@@ -261,7 +253,7 @@ async fn a_shopping_session_yields_exact_profile_values() {
     assert_eq!(profile(&store, &anon()).await, expected);
 
     // What connectors read: the raw keys, exactly.
-    let mut conn = raw(&redis).await;
+    let mut conn = redis.connection().await;
     let hash: BTreeMap<String, String> = conn.hgetall("profile:{a:anon-1}").await.unwrap();
     assert_eq!(
         hash,
@@ -341,7 +333,7 @@ async fn a_known_user_collects_both_ids_and_counts_sessions() {
     assert_eq!(p.user_id.as_deref(), Some("ada"));
     assert_eq!(p.anonymous_ids, ["anon-1"]);
     assert_eq!((p.events, p.page_views, p.sessions), (5, 5, 3));
-    let mut conn = raw(&redis).await;
+    let mut conn = redis.connection().await;
     let mut ids: Vec<String> = conn.smembers("profile:{u:ada}:ids").await.unwrap();
     ids.sort();
     assert_eq!(ids, ["anon:anon-1", "user:ada"]);
@@ -407,7 +399,7 @@ async fn cart_lines_follow_adds_and_removes_and_orders_clear_them() {
     assert_eq!(p.cart_updated_at, Some(NOW));
     assert_eq!((p.orders, p.revenue), (1, 299));
     assert_eq!(p.categories_bought, [("x".into(), 2), ("z".into(), 1)]);
-    let mut conn = raw(&redis).await;
+    let mut conn = redis.connection().await;
     let exists: bool = conn.exists("profile:{a:anon-1}:cart").await.unwrap();
     assert!(!exists);
     let currency: String = conn.hget("profile:{a:anon-1}", "currency").await.unwrap();
@@ -543,7 +535,7 @@ async fn retried_updates_count_once() {
         (p.events, p.page_views, p.orders, p.revenue),
         (14, 2, 1, 10_000)
     );
-    let mut conn = raw(&redis).await;
+    let mut conn = redis.connection().await;
     let entries = stream(&mut conn).await;
     assert_eq!(
         entries.len(),
@@ -593,7 +585,7 @@ async fn the_event_stream_carries_each_applied_event_in_order() {
     u.context.page_url = Some("https://shop.example/p/1".into());
     store.apply(&[u]).await.unwrap();
 
-    let mut conn = raw(&redis).await;
+    let mut conn = redis.connection().await;
     let entries = stream(&mut conn).await;
     let fields: Vec<_> = entries.iter().map(|(_, f)| f.clone()).collect();
     let entry = |kind: &str, event: &str| {
@@ -646,7 +638,7 @@ async fn the_event_stream_is_capped() {
         ..ProfileConfig::default()
     };
     let store = store(&redis, config).await;
-    let mut conn = raw(&redis).await;
+    let mut conn = redis.connection().await;
     // `MAXLEN ~` trims whole stream nodes only (100 entries each by default), so the stream
     // stays above the cap by less than a node.
     for batch in 0..10u128 {
@@ -718,7 +710,7 @@ async fn message_ids_are_forgotten_after_the_dedupe_window_and_over_the_cap() {
         })
         .collect();
     store.apply(&[update(anon(), events)]).await.unwrap();
-    let mut conn = raw(&redis).await;
+    let mut conn = redis.connection().await;
     let kept: Vec<String> = conn
         .zrange("profile:{a:anon-1}:dedupe", 0, -1)
         .await
@@ -734,7 +726,7 @@ async fn a_redis_that_forgot_the_script_gets_it_again() {
     let redis = RedisServer::start().unwrap();
     let store = store(&redis, ProfileConfig::default()).await;
     store.apply(&[update(anon(), vec![page(1)])]).await.unwrap();
-    let mut conn = raw(&redis).await;
+    let mut conn = redis.connection().await;
     let flush = || redis::cmd("SCRIPT").arg("FLUSH").to_owned();
     let _: () = flush().query_async(&mut conn).await.unwrap();
     let r = store
@@ -818,7 +810,7 @@ fn triple(key: &str, field: &str, detail: &str) -> (String, String, String) {
 async fn a_bad_counter_is_named_and_nothing_is_written() {
     let redis = RedisServer::start().unwrap();
     let store = store(&redis, ProfileConfig::default()).await;
-    let mut conn = raw(&redis).await;
+    let mut conn = redis.connection().await;
     let _: () = conn
         .hset_multiple(
             "profile:{a:anon-1}",
@@ -852,7 +844,7 @@ async fn a_bad_counter_is_named_and_nothing_is_written() {
 async fn a_broken_cart_line_is_named_on_update_and_on_read() {
     let redis = RedisServer::start().unwrap();
     let store = store(&redis, ProfileConfig::default()).await;
-    let mut conn = raw(&redis).await;
+    let mut conn = redis.connection().await;
     let user = ProfileId::user("u1").unwrap();
     let _: () = conn
         .hset_multiple(
@@ -899,7 +891,7 @@ async fn a_broken_cart_line_is_named_on_update_and_on_read() {
 async fn a_key_of_the_wrong_type_is_named_on_update_and_on_read() {
     let redis = RedisServer::start().unwrap();
     let store = store(&redis, ProfileConfig::default()).await;
-    let mut conn = raw(&redis).await;
+    let mut conn = redis.connection().await;
     let user = ProfileId::user("u2").unwrap();
     let _: () = conn.hset("profile:{u:u2}", "events", "1").await.unwrap();
     let _: () = conn.set("profile:{u:u2}:counts", "x").await.unwrap();
@@ -922,7 +914,7 @@ async fn a_key_of_the_wrong_type_is_named_on_update_and_on_read() {
 async fn unreadable_profile_fields_are_named() {
     let redis = RedisServer::start().unwrap();
     let store = store(&redis, ProfileConfig::default()).await;
-    let mut conn = raw(&redis).await;
+    let mut conn = redis.connection().await;
     store.apply(&[update(anon(), vec![page(1)])]).await.unwrap();
     let cases: [(&str, &str, &str, &str); 4] = [
         (
@@ -982,7 +974,7 @@ async fn unreadable_profile_fields_are_named() {
 #[tokio::test]
 async fn another_schema_version_is_refused() {
     let redis = RedisServer::start().unwrap();
-    let mut conn = raw(&redis).await;
+    let mut conn = redis.connection().await;
     let _: () = conn.set("meta:schema_version", "99").await.unwrap();
     let err = RedisProfiles::connect(&redis.url(), ProfileConfig::default())
         .await
@@ -1010,7 +1002,7 @@ async fn lifecycle_is_stored_at_write_and_computed_at_read() {
     first.timestamp = NOW - time::Duration::days(20);
     first.received_at = first.timestamp;
     store.apply(&[update(anon(), vec![first])]).await.unwrap();
-    let mut conn = raw(&redis).await;
+    let mut conn = redis.connection().await;
     let stored: String = conn.hget("profile:{a:anon-1}", "lifecycle").await.unwrap();
     assert_eq!(stored, "new");
     store.apply(&[update(anon(), vec![page(2)])]).await.unwrap();

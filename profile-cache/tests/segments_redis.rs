@@ -8,16 +8,11 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use figment::Figment;
-use figment::providers::{Format, Toml};
-use profile_cache::segments::{
-    DEMO_SEGMENTS, Metric, Predicate, Segment, SegmentInput, TimeField, compile,
-};
-use profile_cache::testing::RedisServer;
+use profile_cache::segments::{DEMO_SEGMENTS, Metric, Predicate, Segment, SegmentInput, TimeField};
+use profile_cache::testing::{RedisServer, segments};
 use profile_cache::{
-    ApplyReport, ConsentChange, ConsentMask, Context, Event, EventKind, Item, LifecycleThresholds,
-    Outcome, Profile, ProfileConfig, ProfileId, ProfileUpdate, Purpose, RedisProfiles,
-    SegmentMembership, StoreError, Value,
+    ApplyReport, ConsentChange, ConsentMask, Context, Event, EventKind, Item, Outcome, Profile,
+    ProfileId, ProfileUpdate, Purpose, RedisProfiles, SegmentMembership, StoreError, Value,
 };
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
@@ -44,36 +39,6 @@ fn from_ms(ms: i64) -> OffsetDateTime {
 
 /// The lease of the tests' claims.
 const LEASE: std::time::Duration = std::time::Duration::from_secs(60);
-
-#[derive(serde::Deserialize)]
-struct Tables {
-    segments: Vec<serde_json::Value>,
-}
-
-/// Compiles `[[segments]]` tables read the way the collector reads its config.
-fn segments(toml: &str) -> Vec<Segment> {
-    let tables: Tables = Figment::from(Toml::string(toml))
-        .extract()
-        .unwrap_or_else(|e| panic!("{e}"));
-    compile(&tables.segments, &LifecycleThresholds::default()).unwrap_or_else(|e| panic!("{e}"))
-}
-
-async fn store(redis: &RedisServer, segments: &[Segment]) -> RedisProfiles {
-    RedisProfiles::connect(&redis.url(), ProfileConfig::default())
-        .await
-        .unwrap()
-        .with_segments(segments)
-        .await
-        .unwrap()
-}
-
-async fn raw(redis: &RedisServer) -> MultiplexedConnection {
-    redis::Client::open(redis.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap()
-}
 
 fn anon(id: &str) -> ProfileId {
     ProfileId::anonymous(id).unwrap()
@@ -389,14 +354,14 @@ fn cases() -> Vec<Case> {
 #[tokio::test]
 async fn each_condition_type_enters_and_exits_through_apply() {
     let redis = RedisServer::start().unwrap();
-    let mut conn = raw(&redis).await;
+    let mut conn = redis.connection().await;
     for (i, c) in cases().into_iter().enumerate() {
         let s = segments(&format!(
             "[[segments]]\nname = \"s{i}\"\ncondition = {}\n",
             c.condition
         ));
         let name = &s[0].name;
-        let profiles = store(&redis, &s).await;
+        let profiles = redis.profiles(&s).await;
         let id = anon(&format!("case-{i}"));
         let mut expected = Vec::new();
         let mut member = false;
@@ -445,8 +410,8 @@ condition = { event_count = { event = "product_viewed", category = "shoes", with
 #[tokio::test]
 async fn a_retried_batch_changes_no_membership_and_writes_no_transition() {
     let redis = RedisServer::start().unwrap();
-    let store = store(&redis, &segments(ABANDONERS)).await;
-    let mut conn = raw(&redis).await;
+    let store = redis.profiles(&segments(ABANDONERS)).await;
+    let mut conn = redis.connection().await;
     let id = anon("v1");
     let batch = update(
         &id,
@@ -505,8 +470,8 @@ async fn a_retried_batch_changes_no_membership_and_writes_no_transition() {
 #[tokio::test]
 async fn the_deadline_is_the_next_time_a_membership_can_change() {
     let redis = RedisServer::start().unwrap();
-    let store = store(&redis, &segments(ABANDONERS)).await;
-    let mut conn = raw(&redis).await;
+    let store = redis.profiles(&segments(ABANDONERS)).await;
+    let mut conn = redis.connection().await;
     let id = anon("v2");
     // A cart change 10 minutes before it reached us: abandoned 20 minutes from now.
     store
@@ -542,8 +507,8 @@ async fn windows_keep_buckets_of_the_counted_pairs_within_the_longest_window() {
         name = "clickers"
         condition = { event_count = { event = "email_clicked", within = "2h", at_least = 1 } }
     "#;
-    let store = store(&redis, &segments(toml)).await;
-    let mut conn = raw(&redis).await;
+    let store = redis.profiles(&segments(toml)).await;
+    let mut conn = redis.connection().await;
     let id = anon("v3");
     let hour = NOW.unix_timestamp() / 3_600;
     let views = vec![
@@ -620,7 +585,7 @@ async fn windows_keep_buckets_of_the_counted_pairs_within_the_longest_window() {
 #[tokio::test]
 async fn profile_reads_list_segments_with_their_entry_times() {
     let redis = RedisServer::start().unwrap();
-    let store = store(&redis, &segments(DEMO_SEGMENTS)).await;
+    let store = redis.profiles(&segments(DEMO_SEGMENTS)).await;
     let id = anon("v4");
     let mut order = with_items(
         kind(1, EventKind::OrderCompleted, 0),
@@ -653,8 +618,8 @@ async fn profile_reads_list_segments_with_their_entry_times() {
 #[tokio::test]
 async fn bad_segment_data_is_named_and_nothing_is_written() {
     let redis = RedisServer::start().unwrap();
-    let store = store(&redis, &segments(ABANDONERS)).await;
-    let mut conn = raw(&redis).await;
+    let store = redis.profiles(&segments(ABANDONERS)).await;
+    let mut conn = redis.connection().await;
     let id = anon("v5");
     let corrupt = |err: StoreError| match err {
         StoreError::Corrupt { key, field, detail } => (key, field, detail),
@@ -1010,9 +975,9 @@ async fn agrees(
     segments: &[Segment],
     batches: &[Batch],
 ) -> Result<(), TestCaseError> {
-    let mut conn = raw(redis).await;
+    let mut conn = redis.connection().await;
     let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
-    let store = store(redis, segments).await;
+    let store = redis.profiles(segments).await;
     let id = anon("p");
     let (mut received, mut next_id) = (NOW, 0_u128);
     let mut applied: Vec<Event> = Vec::new();
@@ -1176,8 +1141,8 @@ async fn window_fields_spell_event_names_as_json() {
         name
     );
     let redis = RedisServer::start().unwrap();
-    let store = store(&redis, &segments(&toml)).await;
-    let mut conn = raw(&redis).await;
+    let store = redis.profiles(&segments(&toml)).await;
+    let mut conn = redis.connection().await;
     let id = anon("q");
     let mut e = kind(1, EventKind::Track, 0);
     e.name = Some(name.into());
@@ -1231,8 +1196,8 @@ condition = { all = [
 #[tokio::test]
 async fn a_due_profile_is_evaluated_at_its_deadline_with_reason_deadline() {
     let redis = RedisServer::start().unwrap();
-    let store = store(&redis, &segments(CART_30M)).await;
-    let mut conn = raw(&redis).await;
+    let store = redis.profiles(&segments(CART_30M)).await;
+    let mut conn = redis.connection().await;
     let id = anon("v1");
     store
         .apply(&[update(&id, vec![cart(1, EventKind::CartAdd, 0, 0)])])
@@ -1299,9 +1264,9 @@ async fn two_schedulers_claim_and_evaluate_each_due_profile_once() {
     const PROFILES: usize = 300;
     let redis = RedisServer::start().unwrap();
     let cart_segments = segments(CART_30M);
-    let a = store(&redis, &cart_segments).await;
-    let b = store(&redis, &cart_segments).await;
-    let mut conn = raw(&redis).await;
+    let a = redis.profiles(&cart_segments).await;
+    let b = redis.profiles(&cart_segments).await;
+    let mut conn = redis.connection().await;
     let ids: Vec<ProfileId> = (0..PROFILES).map(|i| anon(&format!("v{i}"))).collect();
     for chunk in ids.chunks(50) {
         let updates: Vec<ProfileUpdate> = chunk
@@ -1359,9 +1324,9 @@ async fn two_schedulers_claim_and_evaluate_each_due_profile_once() {
 #[tokio::test]
 async fn a_claim_holds_for_its_lease_then_another_scheduler_takes_the_profile_over() {
     let redis = RedisServer::start().unwrap();
-    let first = store(&redis, &segments(CART_30M)).await;
-    let second = store(&redis, &segments(CART_30M)).await;
-    let mut conn = raw(&redis).await;
+    let first = redis.profiles(&segments(CART_30M)).await;
+    let second = redis.profiles(&segments(CART_30M)).await;
+    let mut conn = redis.connection().await;
     first
         .apply(&[update(&anon("v1"), vec![cart(1, EventKind::CartAdd, 0, 0)])])
         .await
@@ -1424,8 +1389,8 @@ async fn an_update_while_a_profile_is_claimed_wins_and_no_deadline_is_lost() {
         name = "cart_30m_1s"
         condition = { older_than = { field = "cart_updated_at", duration = "30m 1s" } }
     "#;
-    let store = store(&redis, &segments(toml)).await;
-    let mut conn = raw(&redis).await;
+    let store = redis.profiles(&segments(toml)).await;
+    let mut conn = redis.connection().await;
     let second = time::Duration::SECOND;
 
     // 1. Claimed at 30m; a page view received at 30m 2s evaluates the profile first, past
@@ -1542,8 +1507,8 @@ async fn an_update_while_a_profile_is_claimed_wins_and_no_deadline_is_lost() {
 #[tokio::test]
 async fn a_deleted_profile_leaves_the_schedule() {
     let redis = RedisServer::start().unwrap();
-    let store = store(&redis, &segments(CART_30M)).await;
-    let mut conn = raw(&redis).await;
+    let store = redis.profiles(&segments(CART_30M)).await;
+    let mut conn = redis.connection().await;
     let id = anon("v1");
     store
         .apply(&[update(&id, vec![cart(1, EventKind::CartAdd, 0, 0)])])
@@ -1565,8 +1530,8 @@ async fn a_deleted_profile_leaves_the_schedule() {
 #[tokio::test]
 async fn a_profile_that_cannot_be_evaluated_keeps_its_claim_until_the_lease_ends() {
     let redis = RedisServer::start().unwrap();
-    let store = store(&redis, &segments(CART_30M)).await;
-    let mut conn = raw(&redis).await;
+    let store = redis.profiles(&segments(CART_30M)).await;
+    let mut conn = redis.connection().await;
     store
         .apply(&[update(&anon("v1"), vec![cart(1, EventKind::CartAdd, 0, 0)])])
         .await
