@@ -1,17 +1,19 @@
 //! The HTTP API: routes, shared state and handlers.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::{PathRejection, QueryRejection};
-use axum::extract::{Path, Query, State};
+use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, Method, header};
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
+use profile_cache::audit::{AuditResult, Operation};
 use profile_cache::segments::{Predicate, Segment};
 use profile_cache::{MemberCursor, MemberPage, MembersRequest};
 use profile_cache::{Profile, ProfileId, StoreError};
@@ -24,9 +26,11 @@ use tower_http::services::ServeDir;
 use tower_http::trace::TraceLayer;
 use tracing::{error, info, instrument, warn};
 
+use crate::auth::{self, ApiToken, AuditLog, Scope};
 use crate::config::{Config, WriteKey};
 use crate::error::ApiError;
 use crate::pipeline::{self, Rejected};
+use crate::ratelimit::RateLimits;
 use crate::spool::{Spool, SpooledBatch};
 use crate::store::ProfileStore;
 
@@ -52,6 +56,10 @@ pub struct AppState {
     pub store: Arc<dyn ProfileStore>,
     /// Time.
     pub clock: Arc<dyn Clock>,
+    /// Where accesses to profiles are recorded.
+    pub audit: Arc<dyn AuditLog>,
+    /// Request rate limits, and how the client's address is found.
+    pub limits: Arc<RateLimits>,
     /// The configuration the collector runs with.
     pub config: Arc<Config>,
     /// The segments the collector evaluates, compiled from `config` at start.
@@ -60,7 +68,9 @@ pub struct AppState {
     pub spool: Option<Spool>,
 }
 
-/// The collector's routes. Tests call this without a socket.
+/// The collector's routes. Tests call this without a socket; the per-client rate limit
+/// applies only where requests carry the peer's `ConnectInfo<SocketAddr>` (as
+/// [`crate::serve`] provides it).
 pub fn router(state: AppState) -> Router {
     let config = state.config.clone();
     let origins: Vec<HeaderValue> = config
@@ -82,6 +92,8 @@ pub fn router(state: AppState) -> Router {
         }))
         .allow_methods([Method::POST])
         .allow_headers([header::CONTENT_TYPE])
+        // The tracker reads it to back off after a 429 or 503.
+        .expose_headers([header::RETRY_AFTER])
         .max_age(Duration::from_secs(86_400));
     let batches = Router::new()
         .route(&config.batch_path, post(collect))
@@ -115,9 +127,15 @@ pub struct BatchResponse {
 #[instrument(skip_all, fields(bytes))]
 async fn collect(
     State(state): State<AppState>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<BatchResponse>, ApiError> {
+    // Before the body is read: a client over its rate costs as little as possible.
+    if let Some(Extension(ConnectInfo(peer))) = peer {
+        let client = state.limits.client_ip(peer.ip(), &headers);
+        state.limits.check_client_ip(client)?;
+    }
     let limits = state.config.limits.wire();
     let bytes = read_body(&headers, body, limits.max_bytes).await?;
     tracing::Span::current().record("bytes", bytes.len());
@@ -129,6 +147,7 @@ async fn collect(
             return Err(ApiError::OriginNotAllowed(origin.into()));
         }
     }
+    state.limits.check_write_key(&key.key)?;
     let received_at = state.clock.now();
     let write_key = batch.write_key.clone();
     let prepared = pipeline::prepare(batch, received_at).map_err(|e| ApiError::BadIdentity {
@@ -245,13 +264,72 @@ async fn profile(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<Profile>, ApiError> {
-    authorize(&state.config.api_tokens, &headers)?;
+    let access = (Operation::ProfileRead, id.as_str());
+    let token = authorize(&state, &headers, Scope::ProfilesRead, Some(access)).await?;
     let profile = state
         .store
         .find(&id, state.clock.now())
         .await
         .map_err(|e| store_error(&state, e))?;
+    let result = match profile {
+        Some(_) => AuditResult::Ok,
+        None => AuditResult::NotFound,
+    };
+    // Nothing is answered unless the access is on record.
+    audit(&state, token, Operation::ProfileRead, &id, result).await?;
     profile.map(Json).ok_or(ApiError::NotFound)
+}
+
+/// The token of a request, counted against its rate, that allows `scope`. A known token
+/// without the scope is refused; when the request is an access to a profile (`access`: the
+/// operation and the id as the caller named it), the refusal is recorded in the audit log.
+///
+/// # Errors
+/// [`ApiError::MissingToken`] / [`ApiError::InvalidToken`] (401),
+/// [`ApiError::RateLimited`] (429), [`ApiError::MissingScope`] (403).
+pub async fn authorize<'s>(
+    state: &'s AppState,
+    headers: &HeaderMap,
+    scope: Scope,
+    access: Option<(Operation, &str)>,
+) -> Result<&'s ApiToken, ApiError> {
+    let token = auth::authenticate(&state.config.api_tokens, headers)?;
+    state.limits.check_token(&token.name)?;
+    if let Err(refused) = token.require(scope) {
+        warn!(actor = %token.name, %scope, "token lacks the scope");
+        if let Some((operation, id)) = access {
+            // The refusal stands whether or not it could be recorded.
+            let _ = audit(state, token, operation, id, AuditResult::Forbidden).await;
+        }
+        return Err(refused);
+    }
+    Ok(token)
+}
+
+/// Records `token`'s `operation` on the profile named `id` in the audit log (see
+/// [`auth::record`]); every read, export and deletion of a profile calls it before it
+/// answers.
+///
+/// # Errors
+/// [`ApiError::Unavailable`] (or [`ApiError::Internal`]) when the entry could not be
+/// written: the caller then answers that instead of the data.
+pub async fn audit(
+    state: &AppState,
+    token: &ApiToken,
+    operation: Operation,
+    id: &str,
+    result: AuditResult,
+) -> Result<(), ApiError> {
+    auth::record(
+        state.audit.as_ref(),
+        token,
+        operation,
+        id,
+        state.clock.now(),
+        result,
+    )
+    .await
+    .map_err(|e| store_error(state, e))
 }
 
 /// Members per page when `limit` is not given.
@@ -336,7 +414,7 @@ async fn segments(
     State(state): State<AppState>,
     headers: HeaderMap,
 ) -> Result<Json<SegmentsResponse>, ApiError> {
-    authorize(&state.config.api_tokens, &headers)?;
+    authorize(&state, &headers, Scope::SegmentsRead, None).await?;
     let names: Vec<&str> = state.segments.iter().map(|s| s.name.as_str()).collect();
     let sizes = state
         .store
@@ -468,7 +546,7 @@ async fn segment_members(
     name: Result<Path<String>, PathRejection>,
     query: Result<Query<MembersQuery>, QueryRejection>,
 ) -> Result<Json<MembersResponse>, ApiError> {
-    authorize(&state.config.api_tokens, &headers)?;
+    authorize(&state, &headers, Scope::SegmentsRead, None).await?;
     let Path(name) = name.map_err(|e| ApiError::BadParameter {
         parameter: "name",
         problem: e.body_text(),
@@ -491,23 +569,6 @@ async fn segment_members(
         .await
         .map_err(|e| store_error(&state, e))?;
     Ok(Json(MembersResponse::new(name, page)))
-}
-
-fn authorize(tokens: &[String], headers: &HeaderMap) -> Result<(), ApiError> {
-    let token = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or(ApiError::MissingToken)?;
-    let mut ok = false;
-    for t in tokens {
-        ok |= bool::from(t.as_bytes().ct_eq(token.trim().as_bytes()));
-    }
-    if ok {
-        Ok(())
-    } else {
-        Err(ApiError::InvalidToken)
-    }
 }
 
 async fn healthz() -> impl IntoResponse {

@@ -11,12 +11,18 @@ use profile_cache::ProfileConfig;
 use profile_cache::segments::{Segment, SegmentErrors, compile};
 use serde::{Deserialize, Serialize};
 
+use crate::auth::{ApiToken, MAX_TOKEN_NAME, Scope, TOKEN_TABLE_HELP, TokenHash};
+use crate::ratelimit::{IpNet, RateLimitsConfig};
 use crate::spool::SpoolConfig;
 
 /// The demo write key; accepted only on a loopback address.
 pub const DEMO_WRITE_KEY: &str = "demo";
 /// The demo API token; accepted only on a loopback address.
 pub const DEMO_API_TOKEN: &str = "demo-secret";
+/// The name the demo API token has in the audit stream and the logs.
+pub const DEMO_TOKEN_NAME: &str = "demo";
+/// The scopes of the demo API token: every read.
+pub const DEMO_TOKEN_SCOPES: [Scope; 2] = [Scope::ProfilesRead, Scope::SegmentsRead];
 
 /// Everything the collector needs to run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -38,12 +44,19 @@ pub struct Config {
     /// What `Retry-After` tells clients when Redis is unavailable. Default 1 s.
     #[serde(with = "humantime_serde")]
     pub retry_after: Duration,
-    /// Bearer tokens allowed to read profiles.
-    pub api_tokens: Vec<String>,
+    /// API tokens, `[[api_tokens]]` tables: name, SHA-256 of the token, scopes.
+    pub api_tokens: Vec<ApiToken>,
     /// Sites allowed to send events.
     pub write_keys: Vec<WriteKey>,
     /// Batch limits.
     pub limits: LimitsConfig,
+    /// Request rates per write key, client address and API token.
+    pub rate_limits: RateLimitsConfig,
+    /// Proxies (addresses or networks such as `10.0.0.0/8`) whose `X-Forwarded-For` names
+    /// the client. Default none: the client is the socket's peer.
+    pub trusted_proxies: Vec<IpNet>,
+    /// The audit stream of profile reads, exports and deletions.
+    pub audit: AuditConfig,
     /// How profiles are kept in Redis.
     pub profiles: ProfileConfig,
     /// Segment definitions, `[[segments]]` tables (see `profile_cache::segments`), kept as
@@ -71,6 +84,9 @@ impl Default for Config {
             api_tokens: Vec::new(),
             write_keys: Vec::new(),
             limits: LimitsConfig::default(),
+            rate_limits: RateLimitsConfig::default(),
+            trusted_proxies: Vec::new(),
+            audit: AuditConfig::default(),
             profiles: ProfileConfig::default(),
             segments: Vec::new(),
             segments_file: None,
@@ -126,6 +142,23 @@ pub struct WriteKey {
     /// an `Origin` header (servers, curl) are not browser requests and are not checked.
     #[serde(default)]
     pub origins: Vec<String>,
+}
+
+/// The audit stream (`profile_cache::audit`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuditConfig {
+    /// Approximate cap of the audit stream (`XADD MAXLEN ~`): older entries are dropped, so
+    /// ship them elsewhere to keep them longer. Default 1,000,000.
+    pub stream_max_len: u64,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        Self {
+            stream_max_len: 1_000_000,
+        }
+    }
 }
 
 /// Batch limits (defaults: the `wire` constants).
@@ -189,6 +222,14 @@ pub enum ConfigError {
         /// What is wrong.
         problem: String,
     },
+    /// `api_tokens` written in the plain-text shape of earlier versions.
+    #[error(
+        "api_tokens in {location}: plain-text tokens are no longer accepted; {TOKEN_TABLE_HELP}"
+    )]
+    PlainApiTokens {
+        /// Where they are written: the file, or the environment variable.
+        location: String,
+    },
     /// Segment definitions that do not check: every problem, one per line.
     #[error("{setting}: {} in the segment definitions:\n{}", count(.errors), indent(.errors))]
     Segments {
@@ -239,6 +280,8 @@ impl Config {
             let key = k["INGEST_".len()..].to_ascii_lowercase().replace("__", ".");
             figment = figment.merge(Serialized::default(&key, parse_env_value(v)));
         }
+        let tokens_from_env = vars.iter().any(|(k, _)| k == "INGEST_API_TOKENS");
+        reject_plain_tokens(&figment, tokens_from_env)?;
         let mut config: Config = figment.extract().map_err(Box::new)?;
         config.apply_demo();
         config.validate()?;
@@ -259,19 +302,25 @@ impl Config {
                 ],
             });
         }
-        if !self.api_tokens.iter().any(|t| t == DEMO_API_TOKEN) {
-            self.api_tokens.push(DEMO_API_TOKEN.into());
+        let demo = TokenHash::of(DEMO_API_TOKEN);
+        if !self.api_tokens.iter().any(|t| t.sha256 == demo) {
+            self.api_tokens.push(ApiToken {
+                name: DEMO_TOKEN_NAME.into(),
+                sha256: demo,
+                scopes: DEMO_TOKEN_SCOPES.to_vec(),
+            });
         }
     }
 
     /// Checks what types cannot: demo credentials only on loopback, well-formed origins,
-    /// unique non-empty keys, a batch path under `/`.
+    /// unique non-empty keys, named tokens with scopes, a batch path under `/`.
     ///
     /// # Errors
     /// [`ConfigError::Invalid`] naming the setting.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        let demo_token = TokenHash::of(DEMO_API_TOKEN);
         let demo_credentials = self.write_keys.iter().any(|k| k.key == DEMO_WRITE_KEY)
-            || self.api_tokens.iter().any(|t| t == DEMO_API_TOKEN);
+            || self.api_tokens.iter().any(|t| t.sha256 == demo_token);
         if demo_credentials && !self.listen.ip().is_loopback() {
             return Err(invalid(
                 "listen",
@@ -300,13 +349,9 @@ impl Config {
                 }
             }
         }
-        for (i, t) in self.api_tokens.iter().enumerate() {
-            if t.len() < 8 {
-                return Err(invalid(
-                    format!("api_tokens[{i}]"),
-                    "is shorter than 8 characters",
-                ));
-            }
+        self.validate_tokens()?;
+        if self.audit.stream_max_len == 0 {
+            return Err(invalid("audit.stream_max_len", "must be greater than zero"));
         }
         if self.limits.max_body_bytes == 0 || self.limits.max_events == 0 {
             return Err(invalid(
@@ -320,6 +365,48 @@ impl Config {
         self.validate_scheduler()?;
         self.validate_spool()?;
         self.segments()?;
+        Ok(())
+    }
+
+    fn validate_tokens(&self) -> Result<(), ConfigError> {
+        for (i, t) in self.api_tokens.iter().enumerate() {
+            let field = |name: &str| format!("api_tokens[{i}].{name}");
+            let name_ok = (1..=MAX_TOKEN_NAME).contains(&t.name.len())
+                && t.name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+            if !name_ok {
+                return Err(invalid(
+                    field("name"),
+                    format!(
+                        "{:?} is not 1 to {MAX_TOKEN_NAME} letters, digits, '.', '_' or '-'",
+                        t.name
+                    ),
+                ));
+            }
+            if let Some(j) = self.api_tokens[..i].iter().position(|o| o.name == t.name) {
+                return Err(invalid(
+                    field("name"),
+                    format!("{:?} is also the name of api_tokens[{j}]", t.name),
+                ));
+            }
+            if let Some(j) = self.api_tokens[..i]
+                .iter()
+                .position(|o| o.sha256 == t.sha256)
+            {
+                return Err(invalid(
+                    field("sha256"),
+                    format!("is the same token as api_tokens[{j}]"),
+                ));
+            }
+            if t.scopes.is_empty() {
+                let all: Vec<&str> = Scope::ALL.iter().map(|s| s.as_str()).collect();
+                return Err(invalid(
+                    field("scopes"),
+                    format!("is empty; give one or more of {}", all.join(", ")),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -416,6 +503,27 @@ impl Config {
             }
         })
     }
+}
+
+/// Refuses `api_tokens = ["<token>"]`, the plain-text shape of earlier versions, with the
+/// new shape spelled out (the deserializer would only say "expected a table").
+fn reject_plain_tokens(figment: &Figment, from_env: bool) -> Result<(), ConfigError> {
+    use figment::value::Value;
+    let Ok(Value::Array(_, entries)) = figment.find_value("api_tokens") else {
+        return Ok(());
+    };
+    if !entries.iter().any(|e| matches!(e, Value::String(..))) {
+        return Ok(());
+    }
+    let location = match figment.find_metadata("api_tokens") {
+        _ if from_env => "INGEST_API_TOKENS".to_string(),
+        Some(figment::Metadata {
+            source: Some(source),
+            ..
+        }) => source.to_string(),
+        _ => "the configuration".to_string(),
+    };
+    Err(ConfigError::PlainApiTokens { location })
 }
 
 /// Environment values are TOML-ish: numbers, booleans and `[a, b]` arrays parse as such,

@@ -1,6 +1,7 @@
 //! One error type for every HTTP answer that is not a success, and its JSON shape:
-//! `{"error": "<code>", "message": "<what is wrong>", "field"?: "...", "limit"?: n}`.
-//! Internal causes are logged, never sent.
+//! `{"error": "<code>", "message": "<what is wrong>", "field"?: "...", "limit"?: n}`, plus
+//! `scope` on a 403 for a missing scope and `rate_limit` on a 429. Internal causes are
+//! logged, never sent.
 
 use std::time::Duration;
 
@@ -8,6 +9,9 @@ use axum::Json;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
+
+use crate::auth::Scope;
+use crate::ratelimit::{LimitKind, Rate};
 
 /// Why a request failed.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +50,28 @@ pub enum ApiError {
     /// A bearer token that is not configured.
     #[error("invalid bearer token")]
     InvalidToken,
+    /// A configured token without the scope the route needs.
+    #[error("this token lacks the scope {scope}")]
+    MissingScope {
+        /// The scope the route needs.
+        scope: Scope,
+    },
+    /// Over a rate limit; the client should retry after `retry_after`.
+    #[error(
+        "too many requests for {}: limit {} per second, bursts of {}; retry in {}s",
+        limit.what(),
+        rate.per_second,
+        rate.effective_burst(),
+        retry_secs(*retry_after)
+    )]
+    RateLimited {
+        /// Which limit.
+        limit: LimitKind,
+        /// Its rate.
+        rate: Rate,
+        /// How long until one more request is allowed.
+        retry_after: Duration,
+    },
     /// The profile does not exist.
     #[error("no profile with this id")]
     NotFound,
@@ -81,8 +107,11 @@ impl ApiError {
             | ApiError::MalformedBatch(_)
             | ApiError::BadIdentity { .. }
             | ApiError::BadParameter { .. } => StatusCode::BAD_REQUEST,
-            ApiError::UnknownWriteKey | ApiError::MissingToken => StatusCode::UNAUTHORIZED,
-            ApiError::OriginNotAllowed(_) | ApiError::InvalidToken => StatusCode::FORBIDDEN,
+            ApiError::UnknownWriteKey | ApiError::MissingToken | ApiError::InvalidToken => {
+                StatusCode::UNAUTHORIZED
+            }
+            ApiError::OriginNotAllowed(_) | ApiError::MissingScope { .. } => StatusCode::FORBIDDEN,
+            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::NotFound | ApiError::UnknownSegment(_) => StatusCode::NOT_FOUND,
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -99,6 +128,8 @@ impl ApiError {
             ApiError::OriginNotAllowed(_) => "origin_not_allowed",
             ApiError::MissingToken => "missing_token",
             ApiError::InvalidToken => "invalid_token",
+            ApiError::MissingScope { .. } => "insufficient_scope",
+            ApiError::RateLimited { .. } => "rate_limited",
             ApiError::NotFound => "not_found",
             ApiError::UnknownSegment(_) => "unknown_segment",
             ApiError::BadParameter { .. } => "bad_parameter",
@@ -113,6 +144,11 @@ impl IntoResponse for ApiError {
         let mut body = json!({ "error": self.code(), "message": self.to_string() });
         match &self {
             ApiError::BodyTooLarge { limit } => body["limit"] = json!(limit),
+            ApiError::MissingScope { scope } => body["scope"] = json!(scope.as_str()),
+            ApiError::RateLimited { limit, rate, .. } => {
+                body["rate_limit"] = json!(limit.as_str());
+                body["limit"] = json!(rate.per_second);
+            }
             ApiError::BadIdentity { field, limit, .. } => {
                 body["field"] = json!(field);
                 if let Some(limit) = limit {
@@ -140,17 +176,36 @@ impl IntoResponse for ApiError {
             _ => {}
         }
         let mut response = (self.status(), Json(body)).into_response();
-        if let ApiError::Unavailable { retry_after } = self {
-            let secs = retry_after.as_secs().max(1);
-            if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
-                response.headers_mut().insert(header::RETRY_AFTER, v);
+        let headers = response.headers_mut();
+        match self {
+            ApiError::Unavailable { retry_after } | ApiError::RateLimited { retry_after, .. } => {
+                headers.insert(header::RETRY_AFTER, retry_secs(retry_after).into());
             }
-        }
-        if let ApiError::MissingToken = self {
-            response
-                .headers_mut()
-                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            // RFC 6750, section 3.
+            ApiError::MissingToken => {
+                headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            ApiError::InvalidToken => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static(r#"Bearer error="invalid_token""#),
+                );
+            }
+            ApiError::MissingScope { scope } => {
+                let challenge = format!(r#"Bearer error="insufficient_scope", scope="{scope}""#);
+                if let Ok(v) = HeaderValue::from_str(&challenge) {
+                    headers.insert(header::WWW_AUTHENTICATE, v);
+                }
+            }
+            _ => {}
         }
         response
     }
+}
+
+/// Whole seconds for `Retry-After`: rounded up, at least 1 (0 would invite an immediate
+/// retry that fails again).
+fn retry_secs(wait: Duration) -> u64 {
+    let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+    secs.max(1)
 }

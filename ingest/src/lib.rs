@@ -6,6 +6,10 @@
 //!
 //! - [`config`]: the TOML configuration, `INGEST_*` overrides, demo mode.
 //! - [`api`]: routes and handlers ([`router`]), shared state, the clock.
+//! - [`auth`]: API tokens with scopes (stored hashed), and the audit log of profile
+//!   accesses.
+//! - [`ratelimit`]: request rate limits per write key, client address and API token, and
+//!   how the client's address is found behind trusted proxies.
 //! - [`pipeline`]: a verified batch to profile updates (consent, enrichment, grouping).
 //! - [`store`]: the storage trait, for Redis and an in-memory test double.
 //! - [`scheduler`]: the task that re-evaluates profiles whose deadline has come.
@@ -15,9 +19,11 @@
 //! - [`error`]: the one API error type and its JSON shape.
 
 pub mod api;
+pub mod auth;
 pub mod config;
 pub mod error;
 pub mod pipeline;
+pub mod ratelimit;
 pub mod rebuild;
 pub mod replay;
 pub mod scheduler;
@@ -25,6 +31,7 @@ pub mod spool;
 pub mod store;
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context as _;
@@ -34,6 +41,7 @@ use tracing::{info, warn};
 
 pub use api::{AppState, Clock, SystemClock, router};
 pub use config::Config;
+pub use ratelimit::RateLimits;
 pub use rebuild::Rebuilder;
 pub use scheduler::Scheduler;
 
@@ -71,6 +79,7 @@ pub async fn serve(
     });
     let rebuild = Rebuilder::new(&store, clock.clone());
     let rebuild = tokio::spawn(rebuild.run(stopping(stopping_rx.clone())));
+    let audit: Arc<dyn auth::AuditLog> = Arc::new(store.audit_stream(config.audit.stream_max_len));
     let store: Arc<dyn store::ProfileStore> = Arc::new(store);
     // Batches go to the spool while Redis does not answer; the replayer applies them.
     let spool = if config.spool.enabled {
@@ -83,15 +92,23 @@ pub async fn serve(
     } else {
         None
     };
+    let limits = Arc::new(RateLimits::new(
+        &config.rate_limits,
+        &config.trusted_proxies,
+    ));
     let state = AppState {
         store,
         clock,
+        audit,
+        limits,
         config: Arc::new(config),
         segments: segments.into(),
         spool: spool.as_ref().map(|(spool, _)| spool.clone()),
     };
     info!(addr = %listener.local_addr()?, "collector listening");
-    let server = axum::serve(listener, router(state)).with_graceful_shutdown(async move {
+    // The peer's address reaches handlers as `ConnectInfo`: the per-client rate limit needs it.
+    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
         shutdown.await;
         let _ = stopping_tx.send(true);
     });

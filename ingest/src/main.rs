@@ -1,10 +1,12 @@
 //! The collector binary: read config, start tracing, bind, serve until SIGINT/SIGTERM.
+//! `ingest hash-token` prints the SHA-256 of a token read from stdin, for `[[api_tokens]]`.
 
+use std::io::Read as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use tracing_subscriber::EnvFilter;
 
 /// Real-time personalization collector.
@@ -14,9 +16,22 @@ struct Args {
     /// TOML configuration file; `INGEST_*` environment variables override it.
     #[arg(long, env = "INGEST_CONFIG")]
     config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Print the SHA-256 of an API token read from stdin (surrounding whitespace removed),
+    /// for the `sha256` of an `[[api_tokens]]` entry: `ingest hash-token < token-file`.
+    HashToken,
 }
 
 fn main() -> ExitCode {
+    let args = Args::parse();
+    if let Some(Command::HashToken) = args.command {
+        return report(hash_token());
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             EnvFilter::try_from_default_env()
@@ -24,13 +39,26 @@ fn main() -> ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    match run(Args::parse()) {
+    report(run(args))
+}
+
+fn report(result: anyhow::Result<()>) -> ExitCode {
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+fn hash_token() -> anyhow::Result<()> {
+    let mut token = String::new();
+    std::io::stdin()
+        .read_to_string(&mut token)
+        .context("reading the token from stdin")?;
+    println!("{}", ingest::auth::TokenHash::of_token(&token)?);
+    Ok(())
 }
 
 #[tokio::main]

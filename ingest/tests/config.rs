@@ -4,7 +4,9 @@ use std::io::Write;
 use std::time::Duration;
 
 use ingest::Config;
+use ingest::auth::{ApiToken, Scope, TokenHash};
 use ingest::config::ConfigError;
+use ingest::ratelimit::{Rate, RateLimitsConfig};
 
 fn file(text: &str) -> tempfile::NamedTempFile {
     let mut f = tempfile::NamedTempFile::new().unwrap();
@@ -25,7 +27,10 @@ fn file_values_and_env_overrides_combine() {
         r#"
 listen = "127.0.0.1:9000"
 redis_url = "redis://127.0.0.1:7000"
-api_tokens = ["reader-token-1"]
+[[api_tokens]]
+name = "crm-sync"
+sha256 = "BA7816BF8F01CFEA414140DE5DAE2223B00361A396177A9CB410FF61F20015AD"
+scopes = ["profiles:read", "admin"]
 [[write_keys]]
 key = "shop"
 origins = ["https://shop.example"]
@@ -51,6 +56,14 @@ dedupe_window = "2d"
     );
     assert_eq!(config.limits.max_events, 50);
     assert_eq!(config.write_keys[0].origins, ["https://shop.example"]);
+    assert_eq!(
+        config.api_tokens,
+        [ApiToken {
+            name: "crm-sync".into(),
+            sha256: TokenHash::of("abc"),
+            scopes: vec![Scope::ProfilesRead, Scope::Admin],
+        }]
+    );
 }
 
 #[test]
@@ -61,7 +74,14 @@ fn demo_mode_adds_credentials_for_loopback_only() {
         config.write_keys[0].origins,
         ["http://127.0.0.1:8080", "http://localhost:8080"]
     );
-    assert_eq!(config.api_tokens, ["demo-secret"]);
+    assert_eq!(
+        config.api_tokens,
+        [ApiToken {
+            name: "demo".into(),
+            sha256: TokenHash::of("demo-secret"),
+            scopes: vec![Scope::ProfilesRead, Scope::SegmentsRead],
+        }]
+    );
 
     let err = Config::load(
         None,
@@ -74,7 +94,10 @@ fn demo_mode_adds_credentials_for_loopback_only() {
         "{err}"
     );
     // The demo token is refused off loopback even without demo mode.
-    let f = file("listen = \"0.0.0.0:80\"\napi_tokens = [\"demo-secret\"]\n");
+    let f = file(&format!(
+        "listen = \"0.0.0.0:80\"\n[[api_tokens]]\nname = \"mine\"\nsha256 = \"{}\"\nscopes = [\"admin\"]\n",
+        TokenHash::of("demo-secret")
+    ));
     assert!(matches!(
         Config::load(Some(f.path()), &[]),
         Err(ConfigError::Invalid { field, .. }) if field == "listen"
@@ -314,4 +337,137 @@ fn spool_settings_take_sizes_and_must_hold_the_largest_body() {
     // Off, its settings are not checked against each other.
     let f = file("[spool]\nsegment_size = \"256KiB\"\n");
     assert!(!Config::load(Some(f.path()), &[]).unwrap().spool.enabled);
+}
+
+#[test]
+fn plain_text_api_tokens_are_refused_with_the_new_shape_spelled_out() {
+    let f = file("api_tokens = [\"reader-token-1\"]\n");
+    let err = Config::load(Some(f.path()), &[]).unwrap_err();
+    assert!(matches!(err, ConfigError::PlainApiTokens { .. }), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        format!(
+            r#"api_tokens in {}: plain-text tokens are no longer accepted; list each token as a table with a name, the SHA-256 of the token and its scopes:
+
+    [[api_tokens]]
+    name = "crm-sync"
+    sha256 = "<64 hex digits>"
+    scopes = ["profiles:read", "segments:read"]
+
+print the sha256 with `ingest hash-token < token-file` (it reads the token from stdin); scopes are profiles:read, segments:read, privacy:write and admin (admin allows everything)"#,
+            f.path().display()
+        )
+    );
+    // The same from the environment, which names the variable.
+    let err = Config::load(None, &env(&[("INGEST_API_TOKENS", "[\"reader-token-1\"]")]))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("api_tokens in INGEST_API_TOKENS: plain-text tokens"),
+        "{err}"
+    );
+    // An empty list is the new shape too.
+    let f = file("api_tokens = []\n");
+    assert!(
+        Config::load(Some(f.path()), &[])
+            .unwrap()
+            .api_tokens
+            .is_empty()
+    );
+}
+
+#[test]
+fn api_token_entries_that_cannot_work_are_refused_by_name() {
+    let hash = |t: &str| TokenHash::of(t).to_string();
+    let entry = |name: &str, sha256: &str, scopes: &str| {
+        format!("[[api_tokens]]\nname = \"{name}\"\nsha256 = \"{sha256}\"\nscopes = {scopes}\n")
+    };
+    let cases = [
+        (
+            entry("crm sync", &hash("token-one"), r#"["admin"]"#),
+            r#"api_tokens[0].name: "crm sync" is not 1 to 64 letters, digits, '.', '_' or '-'"#
+                .to_string(),
+        ),
+        (
+            entry("a", &hash("token-one"), r#"["admin"]"#)
+                + &entry("a", &hash("token-two"), r#"["admin"]"#),
+            r#"api_tokens[1].name: "a" is also the name of api_tokens[0]"#.to_string(),
+        ),
+        (
+            entry("a", &hash("token-one"), r#"["admin"]"#)
+                + &entry("b", &hash("token-one"), r#"["admin"]"#),
+            "api_tokens[1].sha256: is the same token as api_tokens[0]".to_string(),
+        ),
+        (
+            entry("a", &hash("token-one"), "[]"),
+            "api_tokens[0].scopes: is empty; give one or more of profiles:read, segments:read, privacy:write, admin"
+                .to_string(),
+        ),
+    ];
+    for (toml, expected) in cases {
+        let f = file(&toml);
+        let err = Config::load(Some(f.path()), &[]).unwrap_err();
+        assert_eq!(err.to_string(), expected, "{toml}");
+    }
+    // Parse errors name the key.
+    let f = file(&entry("a", "abc123", r#"["admin"]"#));
+    let err = Config::load(Some(f.path()), &[]).unwrap_err().to_string();
+    assert!(
+        err.starts_with(r#""abc123" is not a SHA-256 (64 hex digits); `ingest hash-token` prints the hash of a token read from stdin for key "default.api_tokens.0.sha256""#),
+        "{err}"
+    );
+    let f = file(&entry("a", &hash("token-one"), r#"["profile:read"]"#));
+    let err = Config::load(Some(f.path()), &[]).unwrap_err().to_string();
+    assert!(
+        err.starts_with("unknown variant: found `profile:read`, expected `one of `profiles:read`, `segments:read`, `privacy:write`, `admin``"),
+        "{err}"
+    );
+}
+
+#[test]
+fn rate_limits_default_to_per_key_and_per_token_and_take_a_burst() {
+    let config = Config::load(None, &[]).unwrap();
+    assert_eq!(
+        config.rate_limits,
+        RateLimitsConfig {
+            write_key: Rate::new(5_000, 0),
+            client_ip: Rate::OFF,
+            token: Rate::new(100, 0),
+        }
+    );
+    assert!(config.trusted_proxies.is_empty());
+    assert_eq!(config.audit.stream_max_len, 1_000_000);
+    let f = file(
+        r#"
+trusted_proxies = ["10.0.0.0/8", "::1"]
+[rate_limits]
+client_ip = { per_second = 20, burst = 100 }
+write_key = { per_second = 300 }
+token = { per_second = 0 }
+[audit]
+stream_max_len = 5000
+"#,
+    );
+    let config = Config::load(Some(f.path()), &[]).unwrap();
+    assert_eq!(config.rate_limits.client_ip, Rate::new(20, 100));
+    assert_eq!(config.rate_limits.token, Rate::OFF);
+    assert_eq!(config.rate_limits.write_key, Rate::new(300, 0));
+    assert_eq!(config.rate_limits.write_key.effective_burst(), 300);
+    let proxies: Vec<String> = config
+        .trusted_proxies
+        .iter()
+        .map(|p| p.to_string())
+        .collect();
+    assert_eq!(proxies, ["10.0.0.0/8", "::1/128"]);
+    assert_eq!(config.audit.stream_max_len, 5000);
+
+    let f = file("trusted_proxies = [\"lb.internal\"]\n");
+    let err = Config::load(Some(f.path()), &[]).unwrap_err().to_string();
+    assert!(
+        err.starts_with(r#""lb.internal" is not an address or a network such as 10.0.0.0/8 for key "default.trusted_proxies.0""#),
+        "{err}"
+    );
+    let f = file("[audit]\nstream_max_len = 0\n");
+    let err = Config::load(Some(f.path()), &[]).unwrap_err().to_string();
+    assert_eq!(err, "audit.stream_max_len: must be greater than zero");
 }

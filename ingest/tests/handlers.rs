@@ -7,9 +7,10 @@ use std::sync::Arc;
 use axum::Router;
 use axum::body::Body;
 use axum::http::{Request, StatusCode, header};
+use ingest::auth::{ApiToken, MemoryAuditLog, Scope, TokenHash};
 use ingest::config::{Config, WriteKey};
 use ingest::store::MemoryStore;
-use ingest::{AppState, Clock, router};
+use ingest::{AppState, Clock, RateLimits, router};
 use profile_cache::SegmentMember;
 use profile_cache::{EventKind, ProfileId};
 use serde_json::{Value, json};
@@ -32,9 +33,18 @@ fn app() -> (Router, Arc<MemoryStore>) {
             key: "site-key".into(),
             origins: vec!["https://shop.example".into()],
         }],
-        api_tokens: vec!["reader-token-1".into()],
+        api_tokens: vec![reader()],
         ..Config::default()
     })
+}
+
+/// A token that reads profiles and segments: `reader-token-1`.
+fn reader() -> ApiToken {
+    ApiToken {
+        name: "reader".into(),
+        sha256: TokenHash::of("reader-token-1"),
+        scopes: vec![Scope::ProfilesRead, Scope::SegmentsRead],
+    }
 }
 
 fn app_with(config: Config) -> (Router, Arc<MemoryStore>) {
@@ -42,6 +52,11 @@ fn app_with(config: Config) -> (Router, Arc<MemoryStore>) {
     let state = AppState {
         store: store.clone(),
         clock: Arc::new(Fixed),
+        audit: Arc::new(MemoryAuditLog::default()),
+        limits: Arc::new(RateLimits::new(
+            &config.rate_limits,
+            &config.trusted_proxies,
+        )),
         segments: config.segments().expect("test segments compile").into(),
         spool: None,
         config: Arc::new(config),
@@ -298,8 +313,9 @@ async fn profile_reads_need_a_valid_bearer_token() {
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert_eq!(body["error"], "missing_token");
     assert_eq!(headers[header::WWW_AUTHENTICATE], "Bearer");
-    let (status, _, _) = send(&app, get(Some("Bearer wrong-token"))).await;
-    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, body, _) = send(&app, get(Some("Bearer wrong-token"))).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert_eq!(body["error"], "invalid_token");
     let (status, body, _) = send(&app, get(Some("Bearer reader-token-1"))).await;
     assert_eq!(status, StatusCode::NOT_FOUND);
     assert_eq!(body["error"], "not_found");
@@ -310,7 +326,7 @@ async fn profile_reads_need_a_valid_bearer_token() {
 /// An app with two segments, for the segment reads.
 fn segments_app() -> (Router, Arc<MemoryStore>) {
     app_with(Config {
-        api_tokens: vec!["reader-token-1".into()],
+        api_tokens: vec![reader()],
         segments: vec![
             json!({"name": "cart_abandoners_30m", "description": "Cart left for 30 minutes",
                    "condition": {"all": [
@@ -362,7 +378,7 @@ async fn segment_reads_need_a_valid_bearer_token() {
             .body(Body::empty())
             .unwrap();
         let (status, body, _) = send(&app, wrong).await;
-        assert_eq!(status, StatusCode::FORBIDDEN, "{path}");
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{path}");
         assert_eq!(body["error"], "invalid_token", "{path}");
     }
 }
@@ -724,6 +740,8 @@ async fn batches_spooled_while_the_store_is_down_are_replayed_in_order() {
     let state = AppState {
         store: store.clone(),
         clock: Arc::new(Fixed),
+        audit: Arc::new(MemoryAuditLog::default()),
+        limits: Arc::new(RateLimits::new(&Default::default(), &[])),
         segments: Arc::from([]),
         spool: Some(spool.clone()),
         config: Arc::new(Config {

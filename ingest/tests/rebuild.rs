@@ -31,7 +31,6 @@ impl Collector {
                 key: WRITE_KEY.into(),
                 origins: vec![],
             }],
-            api_tokens: vec!["rebuild-test-token".into()],
             segments: serde_json::from_value(segments).unwrap(),
             shutdown_timeout: Duration::from_secs(5),
             ..Config::default()

@@ -15,6 +15,11 @@ pub const SCHEMA_VERSION_KEY: &str = "meta:schema_version";
 pub const EVENT_STREAM: &str = "stream:events";
 /// Stream key of segment transitions: one entry per profile entering or leaving a segment.
 pub const TRANSITION_STREAM: &str = "stream:transitions";
+/// Stream key of the audit trail: one entry per read, export or deletion of a profile
+/// (`actor`, `operation`, `subject` = SHA-256 of the id, `at`, `result`; see
+/// [`crate::audit`]). Written alone with `XADD`, never together with other keys, so it may
+/// live in any Redis Cluster slot.
+pub const AUDIT_STREAM: &str = "stream:audit";
 /// Sorted set: profile id scored by its next deadline (Unix ms), the earliest time one of
 /// its segment memberships may change without a new event.
 pub const DEADLINES: &str = "schedule:deadlines";
@@ -223,6 +228,13 @@ mod tests {
         for key in [SEGMENT_DEFINITIONS, REBUILD_PROGRESS, REBUILD_LEASE] {
             assert!(key.contains("{segments}"), "{key}");
         }
+    }
+
+    #[test]
+    fn global_streams_are_spelled_as_documented() {
+        assert_eq!(EVENT_STREAM, "stream:events");
+        assert_eq!(TRANSITION_STREAM, "stream:transitions");
+        assert_eq!(AUDIT_STREAM, "stream:audit");
     }
 
     #[test]

@@ -23,8 +23,11 @@
 //! - [`lifecycle`]: lifecycle stage thresholds and the stage of a profile at a time.
 //! - [`segments`]: segment definitions, their checks, the compiled form and the reference
 //!   (from-scratch) evaluator with deadlines.
+//! - [`audit`]: the audit stream: who read, exported or deleted which profile (its id
+//!   hashed), when, with what result ([`audit::AuditStream`]).
 //! - `testing` (feature `testing`): throwaway `redis-server` processes for tests and tools.
 
+pub mod audit;
 pub mod keys;
 pub mod lifecycle;
 pub mod model;

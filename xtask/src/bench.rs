@@ -290,6 +290,10 @@ fn bench_config(listen: SocketAddr, redis_url: &str) -> String {
          redis_url = \"{redis_url}\"\n\
          demo = false\n\
          \n\
+         # The benchmark measures the collector, not its per-key rate limit.\n\
+         [rate_limits]\n\
+         write_key = {{ per_second = 0 }}\n\
+         \n\
          [[write_keys]]\n\
          key = \"{WRITE_KEY}\"\n\
          origins = [\"*\"]\n"

@@ -12,6 +12,9 @@ pub use profile_cache::testing::RedisServer;
 
 pub const WRITE_KEY: &str = "e2e-key";
 pub const TOKEN: &str = "e2e-reader-token";
+/// The SHA-256 of [`TOKEN`], as `[[api_tokens]]` lists it (`printf %s e2e-reader-token |
+/// sha256sum`).
+pub const TOKEN_SHA256: &str = "2d322c4212048209849d8ae06f985be7df342a4af41b95b46a2ef5c4f54f66af";
 pub const ORIGIN: &str = "https://shop.example";
 
 /// The ingest binary: `INGEST_BIN` (set by `cargo xtask test`) or `target/debug/ingest`.
@@ -93,12 +96,16 @@ impl Ingest {
             r#"
 listen = "127.0.0.1:{port}"
 redis_url = "{redis_url}"
-api_tokens = ["{TOKEN}"]
 shutdown_timeout = "5s"
 {extra_toml}
 [[write_keys]]
 key = "{WRITE_KEY}"
 origins = ["{ORIGIN}"]
+
+[[api_tokens]]
+name = "e2e-reader"
+sha256 = "{TOKEN_SHA256}"
+scopes = ["profiles:read", "segments:read"]
 "#
         )
         .unwrap();
