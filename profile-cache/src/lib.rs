@@ -11,8 +11,11 @@
 //! - [`model`]: domain types (events, consent, profile ids, profiles).
 //! - [`keys`]: the Redis key schema, a public contract for connectors that read Redis.
 //! - [`store`]: [`RedisProfiles`], applying updates and reading profiles, and its config.
-//! - `reads` (private): segment reads for the API and connectors: sizes, and pages of
-//!   members with chosen traits behind a stable cursor ([`MemberPage`], [`MemberCursor`]).
+//! - `reads` (private): reads for the API and connectors: the recorded segments
+//!   ([`RecordedSegments`]), sizes, pages of members with chosen traits behind a stable
+//!   cursor ([`MemberPage`], [`MemberCursor`]), and the transitions stream through a
+//!   consumer group ([`TransitionConsumer`]); [`RedisProfiles::connect_reader`] connects
+//!   without writing.
 //! - `script` (private): the apply script `apply.lua` with the segments written in, its
 //!   arguments, and the event stream entry it writes.
 //! - [`schedule`]: the deadline schedule: claiming due profiles with a lease and
@@ -46,7 +49,11 @@ pub use model::{
     EventKind, IdError, Item, Lifecycle, Profile, ProfileId, ProfileUpdate, Purpose,
     SegmentMembership, Value, ViewedProduct,
 };
-pub use reads::{CursorError, MemberCursor, MemberPage, MembersRequest, SegmentMember};
+pub use reads::{
+    Change, CursorError, GroupStart, MemberCursor, MemberPage, MembersRequest, RecordedSegment,
+    RecordedSegments, SegmentMember, TRANSITIONS_WAIT, Transition, TransitionBatch,
+    TransitionConsumer,
+};
 pub use rebuild::{Changes, Rebuild, Step};
 pub use schedule::{Claim, Claimed, Outcome, Reason};
 pub use store::{ConfigError, ProfileConfig, RedisProfiles, StoreError};

@@ -1,4 +1,6 @@
-//! Segment reads for the API and for ESP connectors: sizes and paged members with traits.
+//! Reads for the API and for ESP connectors: the recorded segments, their sizes, paged
+//! members with traits, and the transitions stream through a consumer group. Readers write
+//! nothing of the key schema: [`RedisProfiles::connect_reader`] only checks its version.
 //!
 //! # Paging members
 //!
@@ -33,21 +35,38 @@
 //! The page's traits come from `profile:{ID}:traits` with one `HMGET` per member, all in one
 //! pipeline: a second round trip per page, not one per member. Each profile's read is
 //! atomic by itself; a member that leaves between the two round trips is still returned
-//! (it was a member when the page was read).
+//! (it was a member when the page was read). So is one whose profile was deleted meanwhile
+//! (an erasure), without traits: [`RedisProfiles::profiles_exist`] lets an export leave it
+//! out, for a third round trip per page.
+//!
+//! # Following transitions
+//!
+//! A [`TransitionConsumer`] reads `stream:transitions` as one consumer of a Redis consumer
+//! group, on a connection of its own: `XREADGROUP ... BLOCK` holds its connection while it
+//! waits, and would hold up every command queued behind it on a shared one. It first
+//! delivers the entries this consumer read earlier without acknowledging them (a process
+//! that died between reading and acknowledging gets them again, under the same consumer
+//! name), then new ones. Delivery is at least once: the caller acknowledges
+//! ([`TransitionConsumer::ack`]) only what it has handed on.
 
 use std::collections::BTreeMap;
 use std::fmt;
 use std::num::NonZeroUsize;
 use std::str::FromStr;
-use std::sync::LazyLock;
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{FromRedisValue, RedisError};
 use time::OffsetDateTime;
 
-use crate::keys;
+use crate::keys::{
+    self, REBUILD_PROGRESS, SCHEMA_VERSION, SCHEMA_VERSION_KEY, SEGMENT_DEFINITIONS,
+    TRANSITION_STREAM,
+};
 use crate::model::{MAX_ID_BYTES, ProfileId};
-use crate::store::{RedisProfiles, StoreError};
+use crate::script::ScriptSegments;
+use crate::store::{ProfileConfig, RedisProfiles, StoreError};
 
 /// Finds the first index after a cursor and returns the members from there, with scores.
 ///
@@ -294,6 +313,465 @@ impl RedisProfiles {
     }
 }
 
+/// How long [`TransitionConsumer::next_batch`] waits for a new entry when none is there
+/// (`XREADGROUP ... BLOCK`). The consumer's connection waits this much longer for replies
+/// than the store's `redis_timeout`.
+pub const TRANSITIONS_WAIT: Duration = Duration::from_secs(1);
+
+/// The segments recorded in `meta:{segments}:definitions`: those whose memberships are
+/// complete in this Redis ([`crate::rebuild`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecordedSegments {
+    /// By name.
+    pub segments: Vec<RecordedSegment>,
+    /// A rebuild is unfinished (`meta:{segments}:rebuild` exists): a segment added since
+    /// the record was written is not in it yet, and a changed one is recorded with its
+    /// previous fingerprint while its memberships mix the old and the new condition.
+    pub rebuilding: bool,
+}
+
+impl RecordedSegments {
+    /// Whether segment `name` is recorded.
+    pub fn contains(&self, name: &str) -> bool {
+        self.segments.iter().any(|s| s.name == name)
+    }
+
+    /// The recorded names, by name.
+    pub fn names(&self) -> Vec<&str> {
+        self.segments.iter().map(|s| s.name.as_str()).collect()
+    }
+}
+
+/// A segment recorded in `meta:{segments}:definitions`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordedSegment {
+    /// The name.
+    pub name: String,
+    /// The fingerprint of its compiled condition
+    /// ([`Segment::fingerprint`](crate::segments::Segment::fingerprint)).
+    pub fingerprint: String,
+}
+
+impl RedisProfiles {
+    /// Connects for reading: checks `meta:schema_version` like [`RedisProfiles::connect`]
+    /// but writes nothing (readers never write the key schema, docs/KEY_SCHEMA.md), and
+    /// loads no script. A Redis without a schema version (nothing written yet) is
+    /// accepted: its reads find nothing. Meant for reads: an update through it would load
+    /// the apply script, for no segments, on first use.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`] when Redis cannot be reached within `redis_timeout`,
+    /// [`StoreError::Schema`] when it holds data of another schema version.
+    pub async fn connect_reader(url: &str, config: ProfileConfig) -> Result<Self, StoreError> {
+        let mut conn = manager(url, &config, Duration::ZERO).await?;
+        check_schema(&mut conn).await?;
+        let segments = ScriptSegments::new(&[])?;
+        Ok(Self {
+            conn,
+            config,
+            script: Arc::new(redis::Script::new(&segments.source)),
+            member_keys: segments.member_keys.into(),
+            definitions: Arc::new([]),
+        })
+    }
+
+    /// The segments recorded in `meta:{segments}:definitions`, and whether a rebuild is
+    /// unfinished, in one round trip (`MULTI`/`EXEC`). The definitions themselves (the
+    /// conditions) are in the collector's configuration, not in Redis.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`], or [`StoreError::Corrupt`] naming a key of the wrong
+    /// type.
+    pub async fn recorded_segments(&self) -> Result<RecordedSegments, StoreError> {
+        let mut pipe = redis::pipe();
+        pipe.hgetall(SEGMENT_DEFINITIONS)
+            .exists(REBUILD_PROGRESS)
+            .atomic()
+            .ignore_errors();
+        let mut conn = self.conn.clone();
+        let replies: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
+        let mut replies = replies.into_iter();
+        let mut next = || replies.next().unwrap_or(redis::Value::Nil);
+        let record: Vec<(String, String)> = parse(SEGMENT_DEFINITIONS, next())?;
+        let rebuilding: bool = parse(REBUILD_PROGRESS, next())?;
+        let mut segments: Vec<RecordedSegment> = record
+            .into_iter()
+            .map(|(name, fingerprint)| RecordedSegment { name, fingerprint })
+            .collect();
+        segments.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(RecordedSegments {
+            segments,
+            rebuilding,
+        })
+    }
+
+    /// Whether each profile of `ids` exists (its `profile:{ID}` hash), in that order, in
+    /// one round trip. A member of a page whose profile was deleted after the page was read
+    /// (an erasure) is still in the page; an export asks this to leave it out.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`].
+    pub async fn profiles_exist(&self, ids: &[ProfileId]) -> Result<Vec<bool>, StoreError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = ids.iter().map(keys::profile).collect();
+        let mut pipe = redis::pipe();
+        for key in &keys {
+            pipe.exists(key);
+        }
+        pipe.ignore_errors();
+        let mut conn = self.conn.clone();
+        let replies: Vec<redis::Value> = pipe.query_async(&mut conn).await?;
+        let mut replies = replies.into_iter();
+        keys.iter()
+            .map(|key| parse(key, replies.next().unwrap_or(redis::Value::Nil)))
+            .collect()
+    }
+}
+
+/// Where a consumer group that does not exist yet starts reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupStart {
+    /// With the entries added after it is created (`$`).
+    New,
+    /// With the oldest entry the stream still holds (`0`).
+    Oldest,
+}
+
+/// A change of segment membership, an entry of `stream:transitions` (docs/KEY_SCHEMA.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transition {
+    /// The stream entry id, e.g. `1795953600000-0`: what [`TransitionConsumer::ack`] takes.
+    pub entry_id: String,
+    /// The profile.
+    pub profile: ProfileId,
+    /// The segment.
+    pub segment: String,
+    /// Entered or left.
+    pub change: Change,
+    /// When the change was found (whole milliseconds).
+    pub at: OffsetDateTime,
+    /// Why: `event`, `deadline`, `redefined`, `removed`, or one a later version adds.
+    pub reason: String,
+}
+
+/// Whether a [`Transition`] entered or left its segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// `enter`
+    Enter,
+    /// `exit`
+    Exit,
+}
+
+impl Change {
+    /// `enter` or `exit`, as in the stream.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Change::Enter => "enter",
+            Change::Exit => "exit",
+        }
+    }
+}
+
+/// What one [`TransitionConsumer::next_batch`] delivered.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TransitionBatch {
+    /// In stream order.
+    pub transitions: Vec<Transition>,
+    /// Ids of entries this consumer read before without acknowledging them that the stream
+    /// no longer holds (trimmed by its cap meanwhile): nothing is left to deliver, so they
+    /// should be acknowledged.
+    pub trimmed: Vec<String>,
+    /// The entries were read by this consumer before and not acknowledged: delivered again.
+    pub redelivered: bool,
+}
+
+impl TransitionBatch {
+    /// Neither transitions nor trimmed entries: nothing came within the wait.
+    pub fn is_empty(&self) -> bool {
+        self.transitions.is_empty() && self.trimmed.is_empty()
+    }
+}
+
+/// One consumer of a consumer group of `stream:transitions`, on a connection of its own;
+/// see the module docs.
+#[derive(Debug)]
+pub struct TransitionConsumer {
+    conn: ConnectionManager,
+    group: String,
+    consumer: String,
+    /// While this consumer's unacknowledged entries are delivered again: the id after
+    /// which the next read continues. `None` once they all were: new entries only.
+    pending_after: Option<String>,
+}
+
+impl TransitionConsumer {
+    /// Connects (checking the schema version as [`RedisProfiles::connect_reader`] does)
+    /// and joins consumer group `group` as `consumer`. A missing group is created, with
+    /// the stream if there is none yet (`XGROUP CREATE ... MKSTREAM`), starting at
+    /// `start`; an existing group keeps its position. Also answers whether it created the
+    /// group.
+    ///
+    /// # Errors
+    /// As [`RedisProfiles::connect_reader`]; [`StoreError::Corrupt`] when
+    /// `stream:transitions` is not a stream.
+    pub async fn connect(
+        url: &str,
+        config: &ProfileConfig,
+        group: &str,
+        consumer: &str,
+        start: GroupStart,
+    ) -> Result<(Self, bool), StoreError> {
+        let mut conn = manager(url, config, TRANSITIONS_WAIT).await?;
+        check_schema(&mut conn).await?;
+        let id = match start {
+            GroupStart::New => "$",
+            GroupStart::Oldest => "0",
+        };
+        let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(TRANSITION_STREAM)
+            .arg(group)
+            .arg(id)
+            .arg("MKSTREAM")
+            .query_async(&mut conn)
+            .await;
+        let created = match created {
+            Ok(()) => true,
+            Err(e) if e.code() == Some("BUSYGROUP") => false,
+            Err(e) if e.code() == Some("WRONGTYPE") => {
+                return Err(corrupt(TRANSITION_STREAM, "-", "is not a stream"));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let consumer = Self {
+            conn,
+            group: group.into(),
+            consumer: consumer.into(),
+            pending_after: Some("0".into()),
+        };
+        Ok((consumer, created))
+    }
+
+    /// The consumer group.
+    pub fn group(&self) -> &str {
+        &self.group
+    }
+
+    /// This consumer's name in the group.
+    pub fn consumer(&self) -> &str {
+        &self.consumer
+    }
+
+    /// At most `count` entries: first those this consumer read before without
+    /// acknowledging them (oldest first), then new ones, waiting up to
+    /// [`TRANSITIONS_WAIT`] for one to come. An empty batch: nothing new came meanwhile.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`]; [`StoreError::Redis`] when the group was deleted
+    /// meanwhile (`NOGROUP`); [`StoreError::Corrupt`] naming an entry whose fields are not
+    /// a transition (it stays pending until acknowledged by hand).
+    pub async fn next_batch(&mut self, count: NonZeroUsize) -> Result<TransitionBatch, StoreError> {
+        if let Some(after) = self.pending_after.clone() {
+            let reply = self.read(count, &after, None).await?;
+            if let Some((last, _)) = reply.last() {
+                self.pending_after = Some(last.clone());
+                let mut batch = transitions(reply)?;
+                batch.redelivered = true;
+                return Ok(batch);
+            }
+            self.pending_after = None;
+        }
+        let reply = self.read(count, ">", Some(TRANSITIONS_WAIT)).await?;
+        transitions(reply)
+    }
+
+    /// Acknowledges entries by id (`XACK`): the group does not deliver them again. Answers
+    /// how many of them were pending.
+    ///
+    /// # Errors
+    /// [`StoreError::Unavailable`]: nothing may be assumed acknowledged.
+    pub async fn ack(&mut self, entry_ids: &[String]) -> Result<u64, StoreError> {
+        if entry_ids.is_empty() {
+            return Ok(0);
+        }
+        let acked: u64 = redis::cmd("XACK")
+            .arg(TRANSITION_STREAM)
+            .arg(&self.group)
+            .arg(entry_ids)
+            .query_async(&mut self.conn)
+            .await?;
+        Ok(acked)
+    }
+
+    /// One `XREADGROUP` from `after` (`>`: new entries), as ids with fields (`None` for an
+    /// entry the stream no longer holds).
+    async fn read(
+        &mut self,
+        count: NonZeroUsize,
+        after: &str,
+        wait: Option<Duration>,
+    ) -> Result<Vec<StreamEntry>, StoreError> {
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg(&self.group)
+            .arg(&self.consumer)
+            .arg("COUNT")
+            .arg(count.get());
+        if let Some(wait) = wait {
+            // BLOCK 0 would wait for ever.
+            cmd.arg("BLOCK").arg(wait.as_millis().max(1));
+        }
+        cmd.arg("STREAMS").arg(TRANSITION_STREAM).arg(after);
+        let reply: redis::Value = cmd.query_async(&mut self.conn).await?;
+        stream_entries(reply)
+    }
+}
+
+/// A stream entry: its id and its fields, `None` when the stream no longer holds it.
+type StreamEntry = (String, Option<Vec<(String, String)>>);
+
+/// The entries of an `XREADGROUP` reply on one stream (RESP2 or RESP3 shape).
+fn stream_entries(reply: redis::Value) -> Result<Vec<StreamEntry>, StoreError> {
+    use redis::Value;
+    let bad = |what: &str| {
+        corrupt(
+            TRANSITION_STREAM,
+            "-",
+            &format!("XREADGROUP answered {what}"),
+        )
+    };
+    let per_stream = match reply {
+        Value::Nil => return Ok(Vec::new()),
+        Value::Array(streams) => streams
+            .into_iter()
+            .map(|stream| match stream {
+                Value::Array(mut pair) if pair.len() == 2 => Ok(pair.swap_remove(1)),
+                other => Err(bad(&format!("{other:?} for a stream"))),
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+        Value::Map(streams) => streams.into_iter().map(|(_, entries)| entries).collect(),
+        other => return Err(bad(&format!("{other:?}"))),
+    };
+    let mut out = Vec::new();
+    for entries in per_stream {
+        let Value::Array(entries) = entries else {
+            return Err(bad(&format!("{entries:?} for the entries")));
+        };
+        for entry in entries {
+            let Value::Array(mut parts) = entry else {
+                return Err(bad(&format!("{entry:?} for an entry")));
+            };
+            if parts.len() < 2 {
+                return Err(bad(&format!("{parts:?} for an entry")));
+            }
+            let fields = parts.swap_remove(1);
+            let id: String = redis::from_redis_value(parts.swap_remove(0))
+                .map_err(|e| bad(&format!("an entry id that is not text: {e}")))?;
+            let fields: Option<Vec<(String, String)>> = redis::from_redis_value(fields)
+                .map_err(|e| corrupt(TRANSITION_STREAM, &id, &e.to_string()))?;
+            out.push((id, fields));
+        }
+    }
+    Ok(out)
+}
+
+/// Stream entries as transitions, and the ids of those the stream no longer holds.
+fn transitions(entries: Vec<StreamEntry>) -> Result<TransitionBatch, StoreError> {
+    let mut batch = TransitionBatch::default();
+    for (id, fields) in entries {
+        match fields {
+            None => batch.trimmed.push(id),
+            Some(fields) => batch.transitions.push(transition(id, fields)?),
+        }
+    }
+    Ok(batch)
+}
+
+/// One entry's fields as a [`Transition`]; fields this version does not know are ignored.
+fn transition(entry_id: String, fields: Vec<(String, String)>) -> Result<Transition, StoreError> {
+    let fields: BTreeMap<String, String> = fields.into_iter().collect();
+    let bad = |detail: String| corrupt(TRANSITION_STREAM, &entry_id, &detail);
+    let field = |name: &str| {
+        fields
+            .get(name)
+            .ok_or_else(|| bad(format!("has no field {name:?}")))
+    };
+    let profile = field("profile")?;
+    let profile = profile_id(profile)
+        .ok_or_else(|| bad(format!("profile {profile:?} is not a profile id")))?;
+    let change = match field("change")?.as_str() {
+        "enter" => Change::Enter,
+        "exit" => Change::Exit,
+        other => return Err(bad(format!("change {other:?} is not enter or exit"))),
+    };
+    let at = field("at")?;
+    let at = at
+        .parse::<i64>()
+        .ok()
+        .filter(|ms| (0..=MAX_TIME_MS).contains(ms))
+        .and_then(from_millis)
+        .ok_or_else(|| bad(format!("at {at:?} is not a time")))?;
+    Ok(Transition {
+        segment: field("segment")?.clone(),
+        reason: field("reason")?.clone(),
+        profile,
+        change,
+        at,
+        entry_id,
+    })
+}
+
+/// A connection manager on `url` with the store's timeouts, waiting `wait` longer for
+/// replies (for blocking reads).
+async fn manager(
+    url: &str,
+    config: &ProfileConfig,
+    wait: Duration,
+) -> Result<ConnectionManager, StoreError> {
+    let client = redis::Client::open(url).map_err(StoreError::Redis)?;
+    let manager = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(config.redis_timeout))
+        .set_response_timeout(Some(config.redis_timeout + wait))
+        .set_number_of_retries(2)
+        .set_max_delay(Duration::from_millis(500));
+    Ok(ConnectionManager::new_with_config(client, manager).await?)
+}
+
+/// Checks `meta:schema_version` without writing it: absent (nothing written yet) or
+/// [`SCHEMA_VERSION`].
+async fn check_schema(conn: &mut ConnectionManager) -> Result<(), StoreError> {
+    let mut pipe = redis::pipe();
+    pipe.cmd("TYPE").arg(SCHEMA_VERSION_KEY);
+    pipe.cmd("GET").arg(SCHEMA_VERSION_KEY);
+    pipe.ignore_errors();
+    let replies: Vec<redis::Value> = pipe.query_async(conn).await?;
+    let mut replies = replies.into_iter();
+    let kind: String = parse(
+        SCHEMA_VERSION_KEY,
+        replies.next().unwrap_or(redis::Value::Nil),
+    )?;
+    match kind.as_str() {
+        "none" => Ok(()),
+        "string" => {
+            let found: String = parse(
+                SCHEMA_VERSION_KEY,
+                replies.next().unwrap_or(redis::Value::Nil),
+            )?;
+            if found == SCHEMA_VERSION {
+                Ok(())
+            } else {
+                Err(StoreError::Schema { found })
+            }
+        }
+        other => Err(StoreError::Schema {
+            found: format!("<a {other}, not a string>"),
+        }),
+    }
+}
+
 /// Up to `count` members of `segment` after `after` (from the first when `None`), in
 /// (entered-at, id) order, with their entered-at, in one atomic call. The only function
 /// that reads a member set for paging: sharding member sets across Redis Cluster slots
@@ -489,5 +967,91 @@ mod tests {
             .map(|c| (c.entered_at_ms(), c.id().as_str()))
             .collect();
         assert_eq!(ids, [(1, "a:b"), (1, "a:bb"), (1, "u:b"), (2, "a:a")]);
+    }
+
+    fn text(s: &str) -> redis::Value {
+        redis::Value::BulkString(s.as_bytes().to_vec())
+    }
+
+    fn fields(pairs: &[(&str, &str)]) -> redis::Value {
+        redis::Value::Array(pairs.iter().flat_map(|(k, v)| [text(k), text(v)]).collect())
+    }
+
+    const ENTER: &[(&str, &str)] = &[
+        ("profile", "a:7f3a"),
+        ("segment", "vip"),
+        ("change", "enter"),
+        ("at", "1795953600000"),
+        ("reason", "event"),
+        ("added_later", "ignored"),
+    ];
+
+    #[test]
+    fn stream_replies_in_both_protocols_give_entries_and_trimmed_ones() {
+        use redis::Value;
+        let entries = Value::Array(vec![
+            Value::Array(vec![text("1-0"), fields(ENTER)]),
+            Value::Array(vec![text("2-0"), Value::Nil]),
+        ]);
+        let resp2 = Value::Array(vec![Value::Array(vec![
+            text(TRANSITION_STREAM),
+            entries.clone(),
+        ])]);
+        let resp3 = Value::Map(vec![(text(TRANSITION_STREAM), entries)]);
+        for reply in [resp2, resp3] {
+            let batch = transitions(stream_entries(reply).unwrap()).unwrap();
+            assert_eq!(
+                batch.transitions,
+                [Transition {
+                    entry_id: "1-0".into(),
+                    profile: ProfileId::anonymous("7f3a").unwrap(),
+                    segment: "vip".into(),
+                    change: Change::Enter,
+                    at: from_millis(1_795_953_600_000).unwrap(),
+                    reason: "event".into(),
+                }]
+            );
+            assert_eq!(batch.trimmed, ["2-0"]);
+        }
+        assert_eq!(stream_entries(Value::Nil).unwrap(), []);
+    }
+
+    #[test]
+    fn entries_that_are_not_transitions_are_named() {
+        let with = |field: &str, value: &str| {
+            let pairs: Vec<(&str, &str)> = ENTER
+                .iter()
+                .map(|&(k, v)| if k == field { (k, value) } else { (k, v) })
+                .collect();
+            let redis::Value::Array(flat) = fields(&pairs) else {
+                unreachable!()
+            };
+            let pairs = flat
+                .chunks(2)
+                .map(|kv| {
+                    (
+                        redis::from_redis_value(kv[0].clone()).unwrap(),
+                        redis::from_redis_value(kv[1].clone()).unwrap(),
+                    )
+                })
+                .collect();
+            transition("5-0".into(), pairs).unwrap_err().to_string()
+        };
+        assert_eq!(
+            with("change", "moved"),
+            "corrupt data in stream:transitions field 5-0: change \"moved\" is not enter or exit"
+        );
+        assert_eq!(
+            with("at", "soon"),
+            "corrupt data in stream:transitions field 5-0: at \"soon\" is not a time"
+        );
+        assert_eq!(
+            with("profile", "7f3a"),
+            "corrupt data in stream:transitions field 5-0: profile \"7f3a\" is not a profile id"
+        );
+        assert_eq!(
+            transition("6-0".into(), vec![]).unwrap_err().to_string(),
+            "corrupt data in stream:transitions field 6-0: has no field \"profile\""
+        );
     }
 }
