@@ -2,26 +2,36 @@
 -- re-evaluates the profile's segments in the same call. Called without events and with a
 -- claim (ARGV 12), it only re-evaluates the segments: the scheduler's call for a profile
 -- whose deadline has come (schedule.rs), or a rebuild's call after the segment definitions
--- changed (rebuild.rs).
+-- changed (rebuild.rs). Called with mode 'merged' (ARGV 13), it folds the history of an
+-- anonymous profile, as merge.lua read it, into this (user) profile (identity.rs).
 --
 -- KEYS: 1 profile, 2 traits, 3 counts, 4 ids, 5 viewed, 6 cat_viewed, 7 cat_bought, 8 cart,
---       9 dedupe, 10 windows, 11 segments, 12 the event stream, 13 the transition stream,
---       14 the deadline schedule, then the member set of each segment of `plan`, in its
---       order (names: keys.rs).
+--       9 dedupe, 10 windows, 11 segments, 12 merges, 13 the event stream, 14 the transition
+--       stream, 15 the deadline schedule, then the member set of each segment of `plan`, in
+--       its order (names: keys.rs).
 -- ARGV: 1 now (Unix ms), 2 dedupe window (ms), 3 dedupe max ids, 4 recently viewed max,
 --       5 event stream max length, 6 lifecycle new_for (ms), 7 transition stream max length,
 --       8 profile id, 9 anonymous id, 10 user id, 11 session id ('' when unknown), 12 the
 --       claim: '' for an update, else the score the caller's claim gave the profile in the
 --       schedule; 13 why an evaluation runs, the `reason` of its transitions: 'deadline'
---       (the scheduler) or 'redefined' (a rebuild), '' for an update; then one JSON object
---       per event, in the client's order (script.rs, `ScriptEvent`): id (32 hex), kind,
---       count (counts field), ts and received (Unix ms), items [{product, category?, price,
---       quantity}], traits [[name, text]], revenue, currency, granted / denied [purpose], and
---       event (the stream entry, stored as is).
--- Returns {applied, duplicates} for an update. An evaluation returns {'evaluated', changes},
--- or {'superseded', 0} when the profile's schedule entry is no longer the caller's claim
--- (an update, a scheduler or a rebuild has re-evaluated it since: nothing is written), or
--- {'gone', 0} when the profile no longer exists (it leaves the schedule).
+--       (the scheduler) or 'redefined' (a rebuild), 'merged' for a merge, '' for an update;
+--       14 the most anonymous ids a user profile takes in (merges included); then for an
+--       update one JSON object per event, in the client's order (script.rs, `ScriptEvent`):
+--       id (32 hex), kind, count (counts field), ts and received (Unix ms), items
+--       [{product, category?, price, quantity}], traits [[name, text]], revenue, currency,
+--       granted / denied [purpose], and event (the stream entry, stored as is); for a merge
+--       15 the anonymous profile's id and 16 its data (merge.lua's snapshot, JSON).
+-- Returns {applied, duplicates, merge} for an update, where merge is the id of the
+-- anonymous profile of the update's anonymous id when it still has to be merged into this
+-- user profile ('a:<id>'), 'limit' when this profile already has as many anonymous ids as
+-- it may take, else ''. An update or a merge for a profile that was merged into another
+-- returns {'merged', target, state} and writes nothing: the caller applies it to the target
+-- (after finishing the merge when state is 'sealed'). A merge returns {'folded', changes},
+-- or {'already', 0} when this source was merged (or refused) before. An evaluation returns
+-- {'evaluated', changes}, or {'superseded', 0} when the profile's schedule entry is no
+-- longer the caller's claim (an update, a scheduler or a rebuild has re-evaluated it since:
+-- nothing is written), or {'gone', 0} when the profile no longer exists or was merged into
+-- another (it leaves the schedule).
 --
 -- The configured segments are part of the script's text: script.rs (`ScriptSegments`)
 -- writes them into the `local plan` line below as a Lua table when the store is built, so
@@ -37,8 +47,8 @@
 -- script.rs and segments.rs ensure.
 
 local P, TRAITS, COUNTS, IDS, VIEWED, CAT_VIEWED, CAT_BOUGHT, CART, DEDUPE, WINDOWS, SEGMENTS,
-  STREAM, TRANSITIONS, DEADLINES = unpack(KEYS, 1, 14)
-local FIRST_MEMBERS = 15 -- KEYS index of the first segment's member set
+  MERGES, STREAM, TRANSITIONS, DEADLINES = unpack(KEYS, 1, 15)
+local FIRST_MEMBERS = 16 -- KEYS index of the first segment's member set
 local now = tonumber(ARGV[1])
 local window = tonumber(ARGV[2])
 local dedupe_max = tonumber(ARGV[3])
@@ -48,13 +58,15 @@ local new_for = tonumber(ARGV[6])
 local transitions_max = ARGV[7]
 local profile_id, anonymous_id, user_id, session_id = ARGV[8], ARGV[9], ARGV[10], ARGV[11]
 local claim = ARGV[12]
+local max_anonymous_ids = tonumber(ARGV[14])
 local plan = nil
-local FIRST_EVENT = 14
+local FIRST_EVENT = 15
 -- Why the memberships change: the events of an update; for an evaluation, time alone
--- ('deadline') or new segment definitions ('redefined').
-local reason = claim == '' and 'event' or ARGV[13]
-local evaluation = reason ~= 'event'
-if evaluation and reason ~= 'deadline' and reason ~= 'redefined' then
+-- ('deadline') or new segment definitions ('redefined'); or a merge ('merged').
+local reason = ARGV[13] == '' and 'event' or ARGV[13]
+local evaluation = reason == 'deadline' or reason == 'redefined'
+local folding = reason == 'merged'
+if reason ~= 'event' and not evaluation and not folding then
   return redis.error_reply('ERR apply.lua: unknown evaluation reason ' .. tostring(reason))
 end
 
@@ -92,7 +104,7 @@ end
 local expected = {
   [P] = 'hash', [TRAITS] = 'hash', [COUNTS] = 'hash', [IDS] = 'set', [VIEWED] = 'zset',
   [CAT_VIEWED] = 'zset', [CAT_BOUGHT] = 'zset', [CART] = 'hash', [DEDUPE] = 'zset',
-  [STREAM] = 'stream',
+  [MERGES] = 'hash', [STREAM] = 'stream',
 }
 if plan then
   expected[WINDOWS], expected[SEGMENTS] = 'hash', 'hash'
@@ -117,10 +129,13 @@ end
 -- entry); another scheduler or rebuild that claimed it since wrote its own score. Either
 -- way this call is stale: evaluating at its `now`, possibly earlier than the update's,
 -- could undo a change the update made, so it writes nothing. schedule.rs explains the race.
+-- A profile merged into another keeps only `merged_into` (and `merge_state`) in its hash:
+-- whatever arrives for it belongs to the target (identity.rs).
+local merged_into = redis.call('HGET', P, 'merged_into')
 if evaluation then
   local score = redis.call('ZSCORE', DEADLINES, profile_id)
   if not score or tonumber(score) ~= tonumber(claim) then return { 'superseded', 0 } end
-  if redis.call('EXISTS', P) == 0 then
+  if merged_into or redis.call('EXISTS', P) == 0 then
     redis.call('ZREM', DEADLINES, profile_id)
     return { 'gone', 0 }
   end
@@ -161,7 +176,7 @@ local function read_count(n)
     names[#names + 1] = n
   end
 end
-for i = FIRST_EVENT, #ARGV do
+for i = FIRST_EVENT, folding and 0 or #ARGV do
   local ok, e = pcall(cjson.decode, ARGV[i])
   if not ok or type(e) ~= 'table' then
     return redis.error_reply('ERR apply.lua: event ' .. (i - FIRST_EVENT + 1) .. ' is not a JSON object')
@@ -172,8 +187,76 @@ for i = FIRST_EVENT, #ARGV do
     for _, it in ipairs(e.items or {}) do cart_products[#cart_products + 1] = it.product end
   end
 end
+
+-- A merge: the anonymous profile's keys as merge.lua read them, flat {field, value, ...}
+-- lists of strings. Checked like stored data, named by the source's keys.
+local source, src = nil, nil
+if merged_into then return { 'merged', merged_into, redis.call('HGET', P, 'merge_state') or '' } end
+if folding then
+  source = ARGV[FIRST_EVENT]
+  if redis.call('HEXISTS', MERGES, source) == 1 then return { 'already', 0 } end
+  local ok, s = pcall(cjson.decode, ARGV[FIRST_EVENT + 1] or '')
+  if not ok or type(s) ~= 'table' then
+    return redis.error_reply('ERR apply.lua: the merge snapshot is not a JSON object')
+  end
+  src = {}
+  local source_key = 'profile:{' .. source .. '}'
+  for _, part in ipairs({ 'profile', 'traits', 'counts', 'ids', 'viewed', 'cat_viewed',
+    'cat_bought', 'cart', 'dedupe', 'windows' }) do
+    local list, key = s[part], source_key .. (part == 'profile' and '' or ':' .. part)
+    if type(list) ~= 'table' then list = {} end
+    local out, step = {}, part == 'ids' and 1 or 2
+    for i = 1, #list, step do
+      local k, v = list[i], list[i + 1]
+      if type(k) ~= 'string' or (step == 2 and type(v) ~= 'string') then
+        return corrupt(key, tostring(k), 'is not a string field')
+      end
+      local number = part == 'counts' or part == 'windows' or part == 'viewed'
+        or part == 'cat_viewed' or part == 'cat_bought' or part == 'dedupe'
+      if number and not string.match(v, '^%d+$') then
+        return corrupt(key, k, string.format('%q is not a count or time', v))
+      end
+      out[#out + 1] = { k, number and tonumber(v) or v }
+    end
+    src[part] = out
+  end
+  src.fields = {}
+  for _, kv in ipairs(src.profile) do src.fields[kv[1]] = kv[2] end
+  for _, field in ipairs(numeric) do
+    local v = src.fields[field]
+    if v and not string.match(v, '^%-?%d+$') then
+      return corrupt(source_key, field, string.format('%q is not an integer', v))
+    end
+    src.fields[field] = v and tonumber(v)
+  end
+  for _, kv in ipairs(src.counts) do read_count(kv[1]) end
+  for _, kv in ipairs(src.cart) do cart_products[#cart_products + 1] = kv[1] end
+end
 if plan then
   for _, n in ipairs(plan.counts) do read_count(n) end
+end
+
+-- An update of a user profile that carries an anonymous id: the anonymous profile is to be
+-- merged in unless it was already (merged, refused because another user took it, or over
+-- the limit: `merges` says which). The id joins this profile's ids only when the merge may
+-- happen; the caller runs the merge (identity.rs), and is told again by every update until
+-- the merge has been recorded, so a crash in between delays it and loses nothing.
+local merge, take_anon = '', anonymous_id ~= ''
+if reason == 'event' and anonymous_id ~= '' and string.sub(profile_id, 1, 2) == 'u:' then
+  local from = 'a:' .. anonymous_id
+  local done = redis.call('HGET', MERGES, from)
+  if done then
+    take_anon = string.match(done, '^%d+$') ~= nil
+  else
+    merge = from
+    if redis.call('SISMEMBER', IDS, 'anon:' .. anonymous_id) == 0 then
+      local n = 0
+      for _, m in ipairs(redis.call('SMEMBERS', IDS)) do
+        if string.sub(m, 1, 5) == 'anon:' then n = n + 1 end
+      end
+      if n >= max_anonymous_ids then merge, take_anon = 'limit', false end
+    end
+  end
 end
 
 local counted = {} -- counts field -> stored count
@@ -205,12 +288,22 @@ for i, product in ipairs(cart_products) do
   end
 end
 
+-- A merge keeps this profile's traits and adds those it lacks.
+local trait_stored = {}
+if folding and #src.traits > 0 then
+  local names = {}
+  for i, kv in ipairs(src.traits) do names[i] = kv[1] end
+  local v = hmget(TRAITS, names)
+  for i, n in ipairs(names) do trait_stored[n] = v[i] end
+end
+
 -- What the segments read beyond the profile hash and counts.
 local trait_now = {}      -- trait -> stored text (false: unset)
 local cart_len = 0        -- stored cart lines
 local wins = {}           -- event -> category (false: any) -> window {tail, buckets, added}
 local stale = {}          -- bucket fields that count in no window any more
 local cutoff              -- the latest hour whose bucket counts in no window
+local by_tail = {}        -- window field tail -> window
 local entered = {}        -- segment -> stored entered-at
 if plan then
   if #plan.traits > 0 then
@@ -222,7 +315,6 @@ if plan then
   -- has passed it counts nowhere (segments.rs, "Windowed event counts").
   cutoff = math.floor(now / HOUR) - plan.retention
   if #plan.windows > 0 then
-    local by_tail = {}
     for _, w in ipairs(plan.windows) do
       w.buckets, w.added = {}, {} -- hour -> events; of which applied now
       by_tail[w.tail] = w
@@ -368,9 +460,72 @@ for _, e in ipairs(events) do
   end
 end
 
+-- A merge: the anonymous profile's history added to this one. Counters, event counts,
+-- category scores and window buckets add up; first and last seen widen; times, the
+-- currency of the last order and each consent answer keep the latest; recently viewed
+-- products keep their latest view; traits, the session and cart lines of this profile win
+-- over the anonymous one's, except a cart line with a larger quantity there.
+local adopted_session = nil
+if folding then
+  local f = src.fields
+  for _, field in ipairs({ 'events', 'page_views', 'sessions', 'orders', 'revenue',
+    'email_opens', 'email_clicks' }) do
+    if f[field] and f[field] ~= 0 then add(incr, field, f[field]) end
+  end
+  if f.first_seen and (not first_seen or f.first_seen < first_seen) then first_seen = f.first_seen end
+  if f.last_seen and (not last_seen or f.last_seen > last_seen) then last_seen = f.last_seen end
+  if f.last_order_at then
+    if f.currency and newer('last_order_at', f.last_order_at) then currency = f.currency end
+    touch('last_order_at', f.last_order_at)
+  end
+  for _, field in ipairs({ 'last_engaged_at', 'cart_updated_at' }) do
+    if f[field] then touch(field, f[field]) end
+  end
+  for _, purpose in ipairs(PURPOSES) do
+    local status, at = f['consent:' .. purpose], f['consent:' .. purpose .. ':at']
+    if (status == 'granted' or status == 'denied') and at then answer(purpose, status, at) end
+  end
+  if not last_session_id and f.last_session_id then adopted_session = f.last_session_id end
+  for _, kv in ipairs(src.counts) do add(counts, kv[1], kv[2]) end
+  for _, kv in ipairs(src.traits) do
+    if not trait_stored[kv[1]] then traits[kv[1]] = kv[2] end
+  end
+  for _, kv in ipairs(src.viewed) do
+    if not viewed[kv[1]] or kv[2] > viewed[kv[1]] then viewed[kv[1]] = kv[2] end
+  end
+  for _, kv in ipairs(src.cat_viewed) do add(cat_viewed, kv[1], kv[2]) end
+  for _, kv in ipairs(src.cat_bought) do add(cat_bought, kv[1], kv[2]) end
+  for _, kv in ipairs(src.cart) do
+    local ok, line = pcall(cjson.decode, kv[2])
+    if not ok or type(line) ~= 'table' or type(line.quantity) ~= 'number'
+      or type(line.price) ~= 'number' then
+      return corrupt('profile:{' .. source .. '}:cart', kv[1],
+        'is not a cart line {"quantity":n,"price":p,"category":c}')
+    end
+    if type(line.category) ~= 'string' then line.category = nil end
+    local mine = cart[kv[1]]
+    if not mine or line.quantity > mine.quantity then
+      cart[kv[1]] = line
+      cart_changed[kv[1]] = true
+    end
+  end
+  if plan then
+    for _, kv in ipairs(src.windows) do
+      local hour, tail = string.match(kv[1], '^%[(%-?%d+)(,.+)$')
+      hour = tonumber(hour)
+      local w = hour and by_tail[tail]
+      if w and hour > cutoff then
+        w.buckets[hour] = (w.buckets[hour] or 0) + kv[2]
+        w.added[hour] = (w.added[hour] or 0) + kv[2]
+      end
+    end
+  end
+  first_seen, last_seen = first_seen or now, last_seen or now
+end
+
 if reason == 'event' and applied == 0 then
   redis.call('ZREMRANGEBYSCORE', DEDUPE, '-inf', '(' .. int(oldest_kept))
-  return { 0, duplicates }
+  return { 0, duplicates, merge }
 end
 local new_session = session_id ~= '' and last_session_id ~= session_id
 
@@ -388,7 +543,9 @@ if plan then
     cart_updated_at = latest.cart_updated_at or cur.cart_updated_at,
   }
   local function metric(field)
-    if field == 'sessions' then return (cur.sessions or 0) + (new_session and 1 or 0) end
+    if field == 'sessions' then
+      return (cur.sessions or 0) + (incr.sessions or 0) + (new_session and 1 or 0)
+    end
     return (cur[field] or 0) + (incr[field] or 0)
   end
   local function trait(t)
@@ -545,6 +702,15 @@ for _, e in ipairs(fresh) do
   redis.call('XADD', STREAM, 'MAXLEN', '~', stream_max, '*',
     'profile', profile_id, 'kind', e.kind, 'event', e.event)
 end
+if folding then
+  -- The anonymous profile's message ids: a retry of one of its batches, which now lands
+  -- here, is still a duplicate.
+  for _, kv in ipairs(src.dedupe) do
+    if kv[2] >= oldest_kept then redis.call('ZADD', DEDUPE, 'GT', int(kv[2]), kv[1]) end
+  end
+  for _, kv in ipairs(src.ids) do redis.call('SADD', IDS, kv[1]) end
+  redis.call('HSET', MERGES, source, int(now))
+end
 
 for field, n in pairs(incr) do redis.call('HINCRBY', P, field, int(n)) end
 for n, k in pairs(counts) do redis.call('HINCRBY', COUNTS, n, int(k)) end
@@ -566,10 +732,12 @@ if new_session then
   redis.call('HINCRBY', P, 'sessions', 1)
   put('last_session_id', session_id)
 end
+if adopted_session then put('last_session_id', adopted_session) end
 redis.call('HSET', P, unpack(set))
 
 if user_id ~= '' then redis.call('SADD', IDS, 'user:' .. user_id) end
-if anonymous_id ~= '' then redis.call('SADD', IDS, 'anon:' .. anonymous_id) end
+if take_anon then redis.call('SADD', IDS, 'anon:' .. anonymous_id) end
+if merge == 'limit' then redis.call('HSET', MERGES, 'a:' .. anonymous_id, 'limit') end
 
 for product, ts in pairs(viewed) do
   local before = redis.call('ZSCORE', VIEWED, product)
@@ -592,4 +760,5 @@ end
 local kept = redis.call('ZCARD', DEDUPE)
 if kept > dedupe_max then redis.call('ZREMRANGEBYRANK', DEDUPE, 0, kept - dedupe_max - 1) end
 
-return { applied, duplicates }
+if folding then return { 'folded', #moves } end
+return { applied, duplicates, merge }

@@ -102,6 +102,13 @@ pub fn segments(id: &ProfileId) -> String {
     format!("profile:{{{id}}}:segments")
 }
 
+/// Hash: the anonymous profiles merged into this user profile, or refused: anonymous profile
+/// id (`a:<id>`) to when it was merged (Unix ms), `refused` (it had been merged into another
+/// user) or `limit` (this profile had as many anonymous ids as it may take).
+pub fn merges(id: &ProfileId) -> String {
+    format!("profile:{{{id}}}:merges")
+}
+
 /// Sorted set: the profile ids in segment `name`, scored by when they entered (Unix ms).
 /// Segment names are lowercase letters, digits, `_` and `-`, so the name is the hash tag.
 pub fn segment_members(name: &str) -> String {
@@ -149,6 +156,8 @@ pub struct ProfileKeys {
     pub windows: String,
     /// [`segments`]
     pub segments: String,
+    /// [`merges`]
+    pub merges: String,
 }
 
 impl ProfileKeys {
@@ -166,11 +175,12 @@ impl ProfileKeys {
             dedupe: dedupe(id),
             windows: windows(id),
             segments: segments(id),
+            merges: merges(id),
         }
     }
 
     /// All keys, `profile` first, in the script's `KEYS` order.
-    pub fn all(&self) -> [&str; 11] {
+    pub fn all(&self) -> [&str; 12] {
         [
             &self.profile,
             &self.traits,
@@ -183,6 +193,7 @@ impl ProfileKeys {
             &self.dedupe,
             &self.windows,
             &self.segments,
+            &self.merges,
         ]
     }
 }
@@ -208,6 +219,7 @@ mod tests {
                 "profile:{u:alice}:dedupe",
                 "profile:{u:alice}:windows",
                 "profile:{u:alice}:segments",
+                "profile:{u:alice}:merges",
             ]
         );
         let anon = ProfileId::anonymous("7f3a").unwrap();

@@ -9,6 +9,8 @@
 //! API and for ESP connectors. It knows nothing of HTTP or FlatBuffers.
 //!
 //! - [`model`]: domain types (events, consent, profile ids, profiles).
+//! - [`identity`]: merging an anonymous profile into the user profile it turned out to be,
+//!   and redirecting later updates of a merged profile ([`RedisProfiles::merge`]).
 //! - [`keys`]: the Redis key schema, a public contract for connectors that read Redis.
 //! - [`store`]: [`RedisProfiles`], applying updates and reading profiles, and its config.
 //! - `reads` (private): reads for the API and connectors: the recorded segments
@@ -31,6 +33,7 @@
 //! - `testing` (feature `testing`): throwaway `redis-server` processes for tests and tools.
 
 pub mod audit;
+pub mod identity;
 pub mod keys;
 pub mod lifecycle;
 pub mod model;
@@ -43,6 +46,7 @@ pub mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+pub use identity::MergeOutcome;
 pub use lifecycle::LifecycleThresholds;
 pub use model::{
     ApplyReport, CartLine, ConsentChange, ConsentMask, ConsentState, ConsentStatus, Context, Event,

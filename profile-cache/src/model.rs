@@ -406,6 +406,12 @@ pub struct ApplyReport {
     pub applied: u64,
     /// Events skipped because their message id was already applied to the profile.
     pub duplicates: u64,
+    /// Anonymous profiles merged into user profiles (see `identity`).
+    pub merged: u64,
+    /// Anonymous profiles not merged because another user profile had taken them in.
+    pub merges_refused: u64,
+    /// Anonymous ids not linked because their user profile had as many as it may take.
+    pub ids_over_limit: u64,
 }
 
 /// Where a customer is in their life with the shop.

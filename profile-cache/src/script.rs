@@ -235,7 +235,8 @@ pub(crate) fn invocation<'s>(
         .arg(update.context.session_id.as_deref().unwrap_or(""))
         // No claim and no reason: an update.
         .arg("")
-        .arg("");
+        .arg("")
+        .arg(config.max_anonymous_ids);
     let context = context_json(update);
     for event in &update.events {
         inv.arg(script_event(update, &context, event)?);
@@ -256,7 +257,12 @@ pub(crate) fn evaluation<'s>(
     config: &ProfileConfig,
 ) -> redis::ScriptInvocation<'s> {
     let mut inv = prepare(script, member_keys, profile, now, config);
-    inv.arg("").arg("").arg("").arg(claim).arg(reason.as_str());
+    inv.arg("")
+        .arg("")
+        .arg("")
+        .arg(claim)
+        .arg(reason.as_str())
+        .arg(config.max_anonymous_ids);
     inv
 }
 
@@ -284,6 +290,30 @@ fn prepare<'s>(
         .arg(duration_millis(config.lifecycle.new_for))
         .arg(config.transition_stream_max_len)
         .arg(profile.as_str());
+    inv
+}
+
+/// The `EVALSHA` that folds the data of anonymous profile `source` (merge.lua's snapshot)
+/// into user profile `profile`, at `now`.
+pub(crate) fn fold<'s>(
+    script: &'s redis::Script,
+    member_keys: &[String],
+    profile: &ProfileId,
+    source: &ProfileId,
+    snapshot: &str,
+    now: OffsetDateTime,
+    config: &ProfileConfig,
+) -> redis::ScriptInvocation<'s> {
+    let mut inv = prepare(script, member_keys, profile, now, config);
+    let user_id = profile.as_str().strip_prefix("u:").unwrap_or_default();
+    inv.arg("")
+        .arg(user_id)
+        .arg("")
+        .arg("")
+        .arg("merged")
+        .arg(config.max_anonymous_ids)
+        .arg(source.as_str())
+        .arg(snapshot);
     inv
 }
 

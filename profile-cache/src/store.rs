@@ -22,13 +22,16 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{FromRedisValue, RedisError, ServerErrorKind};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
+use tracing::{info, warn};
 
-use crate::keys::{ProfileKeys, SCHEMA_VERSION, SCHEMA_VERSION_KEY};
+use crate::identity::{self, Applied, Link, MergeOutcome};
+use crate::keys::{self, ProfileKeys, SCHEMA_VERSION, SCHEMA_VERSION_KEY};
 use crate::lifecycle::{LifecycleThresholds, ThresholdError};
 use crate::model::{
     ApplyReport, CartLine, ConsentState, ConsentStatus, Profile, ProfileId, ProfileUpdate, Purpose,
     SegmentMembership, ViewedProduct,
 };
+use crate::schedule::parse_profile_id;
 use crate::script::{self, ScriptSegments};
 use crate::segments::Segment;
 
@@ -53,6 +56,10 @@ pub struct ProfileConfig {
     pub redis_timeout: Duration,
     /// Lifecycle stage thresholds.
     pub lifecycle: LifecycleThresholds,
+    /// The most anonymous ids (devices, browsers, cleared cookies) one user profile takes
+    /// in: beyond it, a new anonymous id is neither linked nor merged, which protects
+    /// against shared devices and "log in as" support tools. Default 100.
+    pub max_anonymous_ids: u32,
 }
 
 impl Default for ProfileConfig {
@@ -65,6 +72,7 @@ impl Default for ProfileConfig {
             transition_stream_max_len: 1_000_000,
             redis_timeout: Duration::from_secs(2),
             lifecycle: LifecycleThresholds::default(),
+            max_anonymous_ids: 100,
         }
     }
 }
@@ -99,6 +107,7 @@ impl ProfileConfig {
                 self.transition_stream_max_len == 0,
             ),
             ("redis_timeout", self.redis_timeout.is_zero()),
+            ("max_anonymous_ids", self.max_anonymous_ids == 0),
         ];
         if let Some((field, _)) = zero.into_iter().find(|(_, is_zero)| *is_zero) {
             return Err(ConfigError::Zero { field });
@@ -297,14 +306,39 @@ impl RedisProfiles {
     /// profile is unchanged, but the batch's other profiles are applied (Redis transactions
     /// do not roll back), and a retry counts their events as duplicates.
     pub async fn apply(&self, updates: &[ProfileUpdate]) -> Result<ApplyReport, StoreError> {
+        let mut report = ApplyReport::default();
+        let first: Vec<&ProfileUpdate> = updates.iter().filter(|u| !u.events.is_empty()).collect();
+        let mut redirected = Vec::new();
+        for (update, reply) in first.iter().zip(self.apply_round(&first).await?) {
+            self.account(&mut report, update, reply, &mut redirected)
+                .await?;
+        }
+        // A redirect points at a user profile, and user profiles are never merged: the
+        // second round is the last.
+        let second: Vec<&ProfileUpdate> = redirected.iter().collect();
+        let mut again = Vec::new();
+        for (update, reply) in second.iter().zip(self.apply_round(&second).await?) {
+            self.account(&mut report, update, reply, &mut again).await?;
+        }
+        if let Some(u) = again.first() {
+            return Err(StoreError::Corrupt {
+                key: keys::profile(&u.profile),
+                field: "merged_into".into(),
+                detail: "a user profile was merged into another profile".into(),
+            });
+        }
+        Ok(report)
+    }
+
+    /// One round trip: the updates' script calls in one `MULTI`/`EXEC` pipeline.
+    async fn apply_round(&self, updates: &[&ProfileUpdate]) -> Result<Vec<Applied>, StoreError> {
+        if updates.is_empty() {
+            return Ok(Vec::new());
+        }
         let invocations = updates
             .iter()
-            .filter(|u| !u.events.is_empty())
             .map(|u| script::invocation(&self.script, &self.member_keys, u, &self.config))
             .collect::<Result<Vec<_>, _>>()?;
-        if invocations.is_empty() {
-            return Ok(ApplyReport::default());
-        }
         let mut pipe = redis::pipe();
         // One script call is atomic by itself.
         if invocations.len() > 1 {
@@ -314,7 +348,7 @@ impl RedisProfiles {
             pipe.invoke_script(inv);
         }
         let mut conn = self.conn.clone();
-        let replies: Vec<(u64, u64)> = match pipe.query_async(&mut conn).await {
+        let replies: Vec<redis::Value> = match pipe.query_async(&mut conn).await {
             Err(e) if is_noscript(&e) => {
                 // Events that did apply before the failure dedupe on the second attempt.
                 self.script.load_async(&mut conn).await?;
@@ -322,14 +356,66 @@ impl RedisProfiles {
             }
             result => result?,
         };
-        Ok(replies
-            .into_iter()
-            .fold(ApplyReport::default(), |total, (applied, duplicates)| {
-                ApplyReport {
-                    applied: total.applied + applied,
-                    duplicates: total.duplicates + duplicates,
+        replies.into_iter().map(identity::applied).collect()
+    }
+
+    /// Adds one update's reply to `report`, runs the merge it asks for, and queues the
+    /// update again for the user profile when its profile was merged into one.
+    async fn account(
+        &self,
+        report: &mut ApplyReport,
+        update: &ProfileUpdate,
+        reply: Applied,
+        redirected: &mut Vec<ProfileUpdate>,
+    ) -> Result<(), StoreError> {
+        let now = update
+            .events
+            .iter()
+            .map(|e| e.received_at)
+            .max()
+            .unwrap_or_else(OffsetDateTime::now_utc);
+        match reply {
+            Applied::Done {
+                applied,
+                duplicates,
+                link,
+            } => {
+                report.applied += applied;
+                report.duplicates += duplicates;
+                match link {
+                    Link::None => {}
+                    Link::Limit => {
+                        // No ids in logs: they are personal data.
+                        warn!(
+                            "a user profile has as many anonymous ids as it may take; a new one was not linked"
+                        );
+                        report.ids_over_limit += 1;
+                    }
+                    Link::Merge(source) => match self.merge(&source, &update.profile, now).await? {
+                        MergeOutcome::Merged => report.merged += 1,
+                        MergeOutcome::Refused => {
+                            info!(
+                                "an anonymous profile merged into one user was not merged into another"
+                            );
+                            report.merges_refused += 1;
+                        }
+                    },
                 }
-            }))
+            }
+            Applied::Redirect { target, sealed } => {
+                if sealed
+                    && self.merge(&update.profile, &target, now).await? == MergeOutcome::Merged
+                {
+                    report.merged += 1;
+                }
+                redirected.push(ProfileUpdate {
+                    user_id: target.as_str().strip_prefix("u:").map(String::from),
+                    profile: target,
+                    ..update.clone()
+                });
+            }
+        }
+        Ok(())
     }
 
     /// Reads a profile in one round trip (`MULTI`/`EXEC`, so a consistent snapshot), with its
@@ -373,6 +459,19 @@ impl RedisProfiles {
         let segments: Vec<(String, String)> = parse(&k.segments, next())?;
         if hash.is_empty() {
             return Ok(None);
+        }
+        if let Some((_, target)) = hash.iter().find(|(f, _)| f == "merged_into") {
+            // A merged anonymous profile: the person is the user profile now.
+            let target = parse_profile_id(target)
+                .filter(|t| t.as_str().starts_with("u:"))
+                .ok_or_else(|| {
+                    corrupt(
+                        &k.profile,
+                        "merged_into",
+                        &format!("{target:?} is not a user profile id"),
+                    )
+                })?;
+            return Box::pin(self.profile(&target, now)).await;
         }
 
         let h = Fields {

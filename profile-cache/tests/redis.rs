@@ -80,10 +80,20 @@ fn update(profile: ProfileId, events: Vec<Event>) -> ProfileUpdate {
     }
 }
 
+/// An update of a profile by a batch without an anonymous id (a backend's, say), so no
+/// anonymous profile is merged into it.
+fn lone(profile: ProfileId, events: Vec<Event>) -> ProfileUpdate {
+    ProfileUpdate {
+        anonymous_id: None,
+        ..update(profile, events)
+    }
+}
+
 fn report(applied: u64, duplicates: u64) -> ApplyReport {
     ApplyReport {
         applied,
         duplicates,
+        ..ApplyReport::default()
     }
 }
 
@@ -545,7 +555,7 @@ async fn retried_updates_count_once() {
 }
 
 #[tokio::test]
-async fn one_apply_updates_several_profiles_and_find_resolves_ids() {
+async fn one_apply_updates_several_profiles_and_merges_the_visitor_into_the_user() {
     let redis = RedisServer::start().unwrap();
     let store = store(&redis, ProfileConfig::default()).await;
     let user = ProfileId::user("user-7").unwrap();
@@ -556,15 +566,23 @@ async fn one_apply_updates_several_profiles_and_find_resolves_ids() {
         u2,
         update(ProfileId::anonymous("empty").unwrap(), vec![]),
     ];
-    assert_eq!(store.apply(&updates).await.unwrap(), report(3, 0));
+    // The user's update carries the visitor's anonymous id: the visitor's profile, updated
+    // first in the same batch, merges into the user's.
+    let merged = ApplyReport {
+        merged: 1,
+        ..report(3, 0)
+    };
+    assert_eq!(store.apply(&updates).await.unwrap(), merged);
+    // The visitor's update now lands on the user profile, where its id is known.
     assert_eq!(store.apply(&updates).await.unwrap(), report(0, 3));
     assert_eq!(store.apply(&[]).await.unwrap(), report(0, 0));
 
     let p = store.find("user-7", NOW).await.unwrap().unwrap();
-    assert_eq!((p.id, p.page_views), (user, 2));
+    assert_eq!((&p.id, p.page_views), (&user, 3));
     assert_eq!(p.user_id.as_deref(), Some("user-7"));
+    assert_eq!(p.anonymous_ids, ["anon-1"]);
     let p = store.find("anon-1", NOW).await.unwrap().unwrap();
-    assert_eq!((p.id, p.page_views), (anon(), 1));
+    assert_eq!((p.id, p.page_views), (user, 3));
     assert_eq!(store.find("nobody", NOW).await.unwrap(), None);
     assert_eq!(store.find("empty", NOW).await.unwrap(), None);
     assert_eq!(store.find("bad{id}", NOW).await.unwrap(), None);
@@ -738,7 +756,7 @@ async fn a_redis_that_forgot_the_script_gets_it_again() {
     let _: () = flush().query_async(&mut conn).await.unwrap();
     let user = ProfileId::user("u1").unwrap();
     let r = store
-        .apply(&[update(anon(), vec![page(3)]), update(user, vec![page(4)])])
+        .apply(&[update(anon(), vec![page(3)]), lone(user, vec![page(4)])])
         .await
         .unwrap();
     assert_eq!(r, report(2, 0));
@@ -859,7 +877,7 @@ async fn a_broken_cart_line_is_named_on_update_and_on_read() {
         .unwrap();
     let add = with_items(ev(2, EventKind::CartAdd, 0), vec![item("sku", "c", 1, 1)]);
     let err = store
-        .apply(&[update(user.clone(), vec![add])])
+        .apply(&[lone(user.clone(), vec![add])])
         .await
         .unwrap_err();
     assert_eq!(
@@ -879,7 +897,7 @@ async fn a_broken_cart_line_is_named_on_update_and_on_read() {
     let order = with_items(ev(3, EventKind::OrderCompleted, 0), vec![]);
     assert_eq!(
         store
-            .apply(&[update(user.clone(), vec![order])])
+            .apply(&[lone(user.clone(), vec![order])])
             .await
             .unwrap(),
         report(1, 0)

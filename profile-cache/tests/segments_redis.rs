@@ -425,7 +425,8 @@ async fn a_retried_batch_changes_no_membership_and_writes_no_transition() {
         store.apply(std::slice::from_ref(&batch)).await.unwrap(),
         ApplyReport {
             applied: 3,
-            duplicates: 0
+            duplicates: 0,
+            ..ApplyReport::default()
         }
     );
     let entries = transitions(&mut conn).await;
@@ -454,7 +455,8 @@ async fn a_retried_batch_changes_no_membership_and_writes_no_transition() {
         store.apply(&[retry]).await.unwrap(),
         ApplyReport {
             applied: 0,
-            duplicates: 3
+            duplicates: 3,
+            ..ApplyReport::default()
         }
     );
     let after = (

@@ -180,6 +180,41 @@ fn identified_user_is_readable_by_user_id() {
 }
 
 #[test]
+fn a_visitor_who_logs_in_is_one_profile_under_both_ids() {
+    let redis = RedisServer::start().unwrap();
+    let ingest = Ingest::start(&redis.url());
+    // Shopping before logging in, on the anonymous profile.
+    let before = batch("visitor-4", shopping_session("visitor-4"));
+    assert_eq!(json(post(&ingest, wire::encode(&before))).0, StatusCode::OK);
+    // The login: the tracker's identify, then its batches carry the user id too.
+    let mut identify = ev(20, wire::EventKind::Identify);
+    identify.user_id = Some("user-9".into());
+    let mut login = batch("visitor-4", vec![identify, ev(21, wire::EventKind::Page)]);
+    login.context.user_id = Some("user-9".into());
+    let (status, body) = json(post(&ingest, wire::encode(&login)));
+    assert_eq!(
+        (status, body["accepted"].clone()),
+        (StatusCode::OK, json!(2))
+    );
+
+    let (_, by_user) = profile(&ingest, "user-9");
+    let (_, by_visitor) = profile(&ingest, "visitor-4");
+    assert_eq!(by_user, by_visitor);
+    assert_eq!(by_user["id"], "u:user-9");
+    assert_eq!(by_user["anonymous_ids"], json!(["visitor-4"]));
+    assert_eq!(by_user["page_views"], 2);
+    assert_eq!(by_user["events"], 9);
+    assert_eq!(
+        (&by_user["orders"], &by_user["revenue"]),
+        (&json!(1), &json!(10_000))
+    );
+    // A retry of the pre-login batch, which still names only the visitor, counts nothing.
+    let (_, body) = json(post(&ingest, wire::encode(&before)));
+    assert_eq!(body["accepted"], 7);
+    assert_eq!(profile(&ingest, "user-9").1["events"], 9);
+}
+
+#[test]
 fn events_without_consent_are_reported_and_not_stored() {
     let redis = RedisServer::start().unwrap();
     let ingest = Ingest::start(&redis.url());
