@@ -3,8 +3,8 @@
 //! audit stream, the per-client rate limit on the socket's address, and the refusal of a
 //! configuration in the old plain-text token shape.
 //!
-//! `support::Ingest` writes `api_tokens` in the old shape, so this file starts the collector
-//! itself (`Collector`) with the helpers of `support` that still apply.
+//! The collector is started here (`Collector`) rather than with `support::Ingest`, because
+//! each test writes its own token table and rate limits.
 
 mod support;
 
