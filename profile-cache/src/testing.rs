@@ -68,6 +68,8 @@ pub struct RedisServer {
     persistent: bool,
     /// Set once the server on `port` proved to be our child: only then is it sent SHUTDOWN.
     verified: bool,
+    /// Stopped with SIGSTOP ([`RedisServer::pause`]) and not resumed yet.
+    paused: bool,
     _temp: Option<tempfile::TempDir>,
 }
 
@@ -174,6 +176,7 @@ impl RedisServer {
             dir: dir.to_path_buf(),
             persistent,
             verified: false,
+            paused: false,
             _temp: None,
         };
         // On error `server` drops here, which kills the child.
@@ -273,10 +276,60 @@ impl RedisServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Freezes the server with SIGSTOP, as a stalled host or a long fork would: it keeps
+    /// its connections and the kernel still accepts new ones, but nothing is read or
+    /// answered until [`RedisServer::resume`]. Dropping a paused server resumes it first.
+    ///
+    /// # Errors
+    /// The signal could not be sent.
+    pub fn pause(&mut self) -> std::io::Result<()> {
+        self.signal("STOP")?;
+        self.paused = true;
+        Ok(())
+    }
+
+    /// Lets a paused server run again (SIGCONT); it then answers what was sent meanwhile.
+    ///
+    /// # Errors
+    /// The signal could not be sent.
+    pub fn resume(&mut self) -> std::io::Result<()> {
+        self.signal("CONT")?;
+        self.paused = false;
+        Ok(())
+    }
+
+    /// Sends `SIG<name>` through kill(1): std has no way to send a signal but SIGKILL, and
+    /// calling kill(2) through libc would take unsafe code, which the workspace forbids.
+    fn signal(&self, name: &str) -> std::io::Result<()> {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.child.id().to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(std::io::Error::other(format!(
+                "kill -{name} {} exited with {status}",
+                self.child.id()
+            )))
+        }
+    }
 }
 
 impl Drop for RedisServer {
     fn drop(&mut self) {
+        if self.paused {
+            let _ = self.resume();
+        }
         if self.persistent && self.verified && matches!(self.child.try_wait(), Ok(None)) {
             // SHUTDOWN writes the append-only file; the connection closes without a reply.
             let _ = request(self.port, "SHUTDOWN");
@@ -389,6 +442,42 @@ mod tests {
         let port = taken.local_addr().unwrap().port();
         let err = RedisServer::start_with_dir(dir.path(), port).unwrap_err();
         assert!(matches!(err, ServerError::PortTaken { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_paused_server_answers_nothing_until_resumed() {
+        let mut server = RedisServer::start().unwrap();
+        server.pause().unwrap();
+        let err = request(server.port(), "PING").unwrap_err();
+        assert!(
+            matches!(
+                err.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ),
+            "{err}"
+        );
+        server.resume().unwrap();
+        assert_eq!(request(server.port(), "PING").unwrap(), "+PONG");
+        // A paused persistent server is resumed on drop, so that it takes SHUTDOWN (and
+        // writes its data) instead of being killed after SHUTDOWN_TIMEOUT.
+        drop(server);
+        let dir = tempfile::tempdir().unwrap();
+        let mut server = RedisServer::start_with_dir(dir.path(), free_port().unwrap()).unwrap();
+        server.pause().unwrap();
+        let pid = server.pid();
+        let started = Instant::now();
+        drop(server);
+        assert!(
+            started.elapsed() < SHUTDOWN_TIMEOUT,
+            "drop took {:?}",
+            started.elapsed()
+        );
+        let status = Command::new("kill")
+            .args(["-0", &pid.to_string()])
+            .stderr(Stdio::null())
+            .status()
+            .unwrap();
+        assert!(!status.success(), "process {pid} still exists");
     }
 
     #[test]

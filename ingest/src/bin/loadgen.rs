@@ -2,13 +2,22 @@
 //! `--raw-redis`, the same events written straight to Redis as a baseline.
 //!
 //! All batches are generated (and, for HTTP, encoded) before the clock starts, from `--seed`,
-//! so two runs with the same flags send the same bytes and the measurement is of the
-//! receiver, not of the generator. Progress goes to stderr; stdout gets exactly one JSON line:
-//! `{"events_sent":..,"events_acked":..,"events_per_sec":..,"p50_ms":..,"p99_ms":..,"errors":..}`.
+//! so two runs with the same flags send the same bytes (the same visitors, profiles and
+//! message ids; only the timestamps differ) and the measurement is of the receiver, not of
+//! the generator. Progress goes to stderr; stdout gets exactly one JSON line:
+//! `{"events_sent":..,"events_acked":..,"events_per_sec":..,"p50_ms":..,"p99_ms":..,"errors":..,
+//! "events_refused":..,"events_spooled":..,"retries":..,"answers_lost":..,"max_ms":..}`.
 //! The exit status is non-zero when `errors` is.
 //!
+//! For fault tests, HTTP mode can pace the first attempts (`--rate`), retry every
+//! unacknowledged batch with the same bytes, hence the same message ids, until a deadline
+//! (`--retry-for`), and write the acknowledged events per profile (`--acked-by-profile`),
+//! which must then equal the profiles' event counters exactly (once merged anonymous
+//! profiles are added to the user profiles they were merged into).
+//!
 //! - `shop`: the catalog and the visitors' journeys, as `wire::Batch`es.
-//! - `http`: POSTs encoded batches, retrying 503s with the same bytes.
+//! - `http`: POSTs encoded batches, retrying refusals (and, with `--retry-for`, lost
+//!   answers) with the same bytes.
 //! - `raw`: one plain pipeline per batch, the collector's per-event write mix.
 //! - `stats`: counters, latencies and the JSON line.
 
@@ -59,6 +68,38 @@ struct Args {
     /// Seed for the simulation; random (and printed on stderr) if not given.
     #[arg(long)]
     seed: Option<u64>,
+    /// HTTP: start batches at this many events per second at most (retries not counted),
+    /// so that a run lasts `events / rate` seconds; as fast as possible if not given.
+    #[arg(long, value_name = "EVENTS_PER_SEC", requires = "url", value_parser = positive_rate)]
+    rate: Option<f64>,
+    /// HTTP: retry every batch that is not acknowledged (503 or 429, connection refused or
+    /// dropped, no answer within `--timeout`) with the same bytes until it is, for at most
+    /// this long after its first attempt (e.g. `30s`); then it counts as an error. Without
+    /// it, only 503s are retried, three times.
+    #[arg(long, value_name = "DURATION", requires = "url", value_parser = duration)]
+    retry_for: Option<std::time::Duration>,
+    /// HTTP: how long to wait for an answer before the attempt counts as lost.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = duration)]
+    timeout: std::time::Duration,
+    /// HTTP: write the acknowledged events per profile to this file, as a JSON object of
+    /// profile id (`a:<anonymous id>`, `u:<user id>`) to count, each event under the profile
+    /// the collector's grouping sends it to. An anonymous profile merged into a user profile
+    /// (its hash's `merged_into`) has its events counted there instead.
+    #[arg(long, value_name = "FILE", requires = "url")]
+    acked_by_profile: Option<std::path::PathBuf>,
+}
+
+fn duration(text: &str) -> Result<std::time::Duration, String> {
+    humantime_serde::re::humantime::parse_duration(text).map_err(|e| e.to_string())
+}
+
+fn positive_rate(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(rate) if rate.is_finite() && rate > 0.0 => Ok(rate),
+        _ => Err(format!(
+            "{text:?} is not a positive number of events per second"
+        )),
+    }
 }
 
 fn main() -> ExitCode {
@@ -102,7 +143,21 @@ async fn run(args: Args) -> anyhow::Result<stats::Summary> {
     );
     let concurrency = args.concurrency as usize;
     if let Some(url) = &args.url {
-        http::run(url, batches, concurrency).await
+        let options = http::Options {
+            concurrency,
+            rate: args.rate,
+            retry: match args.retry_for {
+                Some(limit) => http::Retry::Until(limit),
+                None => http::Retry::Refusals(http::MAX_RETRIES),
+            },
+            timeout: args.timeout,
+        };
+        let (summary, by_profile) = http::run(url, batches, &options).await?;
+        if let Some(path) = &args.acked_by_profile {
+            let json = serde_json::to_string_pretty(&by_profile)?;
+            std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
+        }
+        Ok(summary)
     } else if let Some(redis_url) = &args.raw_redis {
         raw::run(redis_url, batches, concurrency)
             .await
@@ -273,8 +328,10 @@ mod shop {
                     screen_height,
                     session_id: Some(visitor.session_id.clone()),
                     anonymous_id: Some(visitor.anonymous_id.clone()),
-                    // Set from the batch after the one that identified the visitor, as a
-                    // tracker would.
+                    // The user id the visitor has when the batch is sent, as the tracker's
+                    // batch context carries it: already in the batch whose events include
+                    // the identify, so a visitor who identifies in their first batch never
+                    // has events on the anonymous profile.
                     user_id: visitor.user_id.clone(),
                 },
                 events,
@@ -563,6 +620,14 @@ mod stats {
         pub acked: AtomicU64,
         /// Batches that failed for good.
         pub errors: AtomicU64,
+        /// Events in answers that refused a batch (503, 429), counted per answer.
+        pub refused: AtomicU64,
+        /// Acknowledged events the receiver had spooled (`"spooled": true`).
+        pub spooled: AtomicU64,
+        /// Attempts after a batch's first.
+        pub retries: AtomicU64,
+        /// Attempts sent (or being sent) that got no answer: connection dropped, timed out.
+        pub lost: AtomicU64,
     }
 
     impl Counters {
@@ -592,6 +657,18 @@ mod stats {
         pub p99_ms: f64,
         /// Batches that failed for good.
         pub errors: u64,
+        /// Events in refusals (503, 429), once per answer: a batch refused twice counts
+        /// twice.
+        pub events_refused: u64,
+        /// Acknowledged events that the receiver had spooled rather than applied.
+        pub events_spooled: u64,
+        /// Attempts after a batch's first (refusals and lost answers retried).
+        pub retries: u64,
+        /// Attempts that got no answer (connection refused not included: that request was
+        /// never sent).
+        pub answers_lost: u64,
+        /// The slowest request (or pipeline).
+        pub max_ms: f64,
     }
 
     impl Summary {
@@ -601,6 +678,7 @@ mod stats {
             latencies_us.sort_unstable();
             let acked = Counters::get(&counters.acked);
             let secs = elapsed.as_secs_f64().max(1e-9);
+            let max_us = latencies_us.last().copied().unwrap_or(0);
             Summary {
                 events_sent: Counters::get(&counters.sent),
                 events_acked: acked,
@@ -608,6 +686,11 @@ mod stats {
                 p50_ms: round(percentile(&latencies_us, 0.50) / 1000.0, 3),
                 p99_ms: round(percentile(&latencies_us, 0.99) / 1000.0, 3),
                 errors: Counters::get(&counters.errors),
+                events_refused: Counters::get(&counters.refused),
+                events_spooled: Counters::get(&counters.spooled),
+                retries: Counters::get(&counters.retries),
+                answers_lost: Counters::get(&counters.lost),
+                max_ms: round(f64::from(max_us) / 1000.0, 3),
             }
         }
 
@@ -706,10 +789,11 @@ mod stats {
                 tick.tick().await;
                 let acked = Counters::get(&counters.acked);
                 eprintln!(
-                    "loadgen: {}/{total} events sent, {acked} acked ({:.0}/s), {} errors",
+                    "loadgen: {}/{total} events sent, {acked} acked ({:.0}/s), {} errors, {} retries",
                     Counters::get(&counters.sent),
                     acked as f64 / started.elapsed().as_secs_f64(),
                     Counters::get(&counters.errors),
+                    Counters::get(&counters.retries),
                 );
             }
         })
@@ -725,12 +809,20 @@ mod stats {
             Counters::add(&counters.sent, 1_000);
             Counters::add(&counters.acked, 990);
             Counters::add(&counters.errors, 1);
+            Counters::add(&counters.refused, 40);
+            Counters::add(&counters.spooled, 60);
+            Counters::add(&counters.retries, 3);
+            Counters::add(&counters.lost, 1);
             // 1..=100 ms, unsorted.
             let latencies: Vec<u32> = (1..=100).rev().map(|ms| ms * 1_000).collect();
             let s = Summary::new(&counters, latencies, Duration::from_millis(500));
             assert_eq!(
                 s.json(),
-                r#"{"events_sent":1000,"events_acked":990,"events_per_sec":1980.0,"p50_ms":50.0,"p99_ms":99.0,"errors":1}"#
+                concat!(
+                    r#"{"events_sent":1000,"events_acked":990,"events_per_sec":1980.0,"#,
+                    r#""p50_ms":50.0,"p99_ms":99.0,"errors":1,"events_refused":40,"#,
+                    r#""events_spooled":60,"retries":3,"answers_lost":1,"max_ms":100.0}"#
+                )
             );
             assert_eq!(percentile(&[], 0.5), 0.0);
             assert_eq!(percentile(&[7], 0.99), 7.0);
@@ -739,73 +831,164 @@ mod stats {
 }
 
 mod http {
-    //! HTTP mode: encoded batches POSTed by `concurrency` workers; 503s are retried with
-    //! the same bytes (so the collector dedupes a batch it did apply) after `Retry-After`.
+    //! HTTP mode: encoded batches POSTed by `concurrency` workers, optionally paced. A batch
+    //! is retried with the same bytes (the collector dedupes by message id what it did
+    //! apply): on 503 three times by default, or, with [`Retry::Until`], on every refusal
+    //! and lost answer until acknowledged or out of time.
 
+    use std::collections::BTreeMap;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     use axum::body::Bytes;
     use reqwest::StatusCode;
+    use time::OffsetDateTime;
+    use tokio::time::Instant;
 
     use crate::stats::{Counters, Summary};
 
-    /// Retries of one batch answered 503 before it counts as an error.
-    const MAX_RETRIES: u32 = 3;
+    /// Retries of one batch answered 503 before it counts as an error, by default.
+    pub const MAX_RETRIES: u32 = 3;
     /// The longest `Retry-After` honoured; a bench should not stall on a bad header.
     const MAX_RETRY_AFTER: Duration = Duration::from_secs(5);
+    /// The first wait after a lost answer or a refused connection, doubled up to
+    /// [`MAX_BACKOFF`].
+    const FIRST_BACKOFF: Duration = Duration::from_millis(50);
+    /// The longest wait between two attempts after lost answers.
+    const MAX_BACKOFF: Duration = Duration::from_secs(1);
     /// Error details printed on stderr; the rest are only counted.
     const MAX_REPORTED_ERRORS: u64 = 5;
 
-    /// Sends every batch to `url` and reports.
+    /// Which unacknowledged batches are sent again.
+    #[derive(Debug, Clone, Copy)]
+    pub enum Retry {
+        /// 503s, at most this many times; anything else is an error.
+        Refusals(u32),
+        /// 503s, 429s, refused connections and lost answers, until this long after the
+        /// batch's first attempt.
+        Until(Duration),
+    }
+
+    /// How to send.
+    #[derive(Debug, Clone)]
+    pub struct Options {
+        /// Workers, each with one request in flight.
+        pub concurrency: usize,
+        /// Events per second for first attempts, if paced.
+        pub rate: Option<f64>,
+        /// What is retried.
+        pub retry: Retry,
+        /// How long to wait for an answer.
+        pub timeout: Duration,
+    }
+
+    /// One batch, ready to send.
+    struct Prepared {
+        body: Bytes,
+        events: u64,
+        /// Events per profile, by the collector's own grouping (`ingest::pipeline`).
+        profiles: Vec<(String, u64)>,
+        /// When its first attempt may start, from the start of the run.
+        start_at: Duration,
+    }
+
+    /// What the collector acknowledged for one batch.
+    #[derive(Debug, PartialEq, Eq)]
+    struct Ack {
+        accepted: u64,
+        spooled: bool,
+    }
+
+    /// Sends every batch to `url`; reports, with the acknowledged events per profile.
     ///
     /// # Errors
     /// The HTTP client cannot be built.
     pub async fn run(
         url: &str,
         batches: Vec<wire::Batch>,
-        concurrency: usize,
-    ) -> anyhow::Result<Summary> {
+        options: &Options,
+    ) -> anyhow::Result<(Summary, BTreeMap<String, u64>)> {
         let total: u64 = batches.iter().map(|b| b.events.len() as u64).sum();
-        let bodies: Arc<Vec<(Bytes, u64)>> = Arc::new(
+        let mut before = 0u64;
+        let prepared: Arc<Vec<Prepared>> = Arc::new(
             batches
                 .into_iter()
-                .map(|b| (Bytes::from(wire::encode(&b)), b.events.len() as u64))
+                .map(|b| {
+                    let start_at = options.rate.map_or(Duration::ZERO, |rate| {
+                        Duration::from_secs_f64(before as f64 / rate)
+                    });
+                    before += b.events.len() as u64;
+                    prepare(b, start_at)
+                })
                 .collect(),
         );
-        let bytes: usize = bodies.iter().map(|(b, _)| b.len()).sum();
+        let bytes: usize = prepared.iter().map(|p| p.body.len()).sum();
         eprintln!(
-            "loadgen: encoded {} batches, {:.1} MB, posting to {url}",
-            bodies.len(),
-            bytes as f64 / 1e6
+            "loadgen: encoded {} batches, {:.1} MB, posting to {url}{}",
+            prepared.len(),
+            bytes as f64 / 1e6,
+            options
+                .rate
+                .map(|r| format!(" at {r} events/s"))
+                .unwrap_or_default()
         );
         let client = reqwest::Client::builder()
             // Load goes to the address given, never through a proxy from the environment.
             .no_proxy()
-            .pool_max_idle_per_host(concurrency)
+            .pool_max_idle_per_host(options.concurrency)
             .tcp_nodelay(true)
-            .timeout(Duration::from_secs(30))
+            .timeout(options.timeout)
             .build()?;
         let counters = Arc::new(Counters::default());
         let next = Arc::new(AtomicUsize::new(0));
         let reported = Arc::new(AtomicU64::new(0));
         let progress = crate::stats::spawn_progress(counters.clone(), total);
         let started = Instant::now();
-        let workers: Vec<_> = (0..concurrency)
+        let workers: Vec<_> = (0..options.concurrency)
             .map(|_| {
-                let (client, url, bodies) = (client.clone(), url.to_string(), bodies.clone());
+                let (client, url, prepared) = (client.clone(), url.to_string(), prepared.clone());
                 let (counters, next, reported) = (counters.clone(), next.clone(), reported.clone());
+                let retry = options.retry;
                 tokio::spawn(async move {
                     let mut latencies = Vec::new();
+                    let mut by_profile: BTreeMap<String, u64> = BTreeMap::new();
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
-                        let Some((body, events)) = bodies.get(i) else {
+                        let Some(batch) = prepared.get(i) else {
                             break;
                         };
-                        Counters::add(&counters.sent, *events);
-                        match post(&client, &url, body, &mut latencies).await {
-                            Ok(accepted) => Counters::add(&counters.acked, accepted),
+                        tokio::time::sleep_until(started + batch.start_at).await;
+                        Counters::add(&counters.sent, batch.events);
+                        let sender = Sender {
+                            client: &client,
+                            url: &url,
+                            counters: &counters,
+                            retry,
+                        };
+                        let result = sender.send(batch, &mut latencies).await;
+                        let result = result.and_then(|ack| {
+                            // Every event of these batches is valid and consented: one left
+                            // out would make the per-profile report wrong.
+                            if ack.accepted == batch.events {
+                                Ok(ack)
+                            } else {
+                                Err(format!(
+                                    "{} of {} events accepted",
+                                    ack.accepted, batch.events
+                                ))
+                            }
+                        });
+                        match result {
+                            Ok(ack) => {
+                                Counters::add(&counters.acked, ack.accepted);
+                                if ack.spooled {
+                                    Counters::add(&counters.spooled, ack.accepted);
+                                }
+                                for (profile, n) in &batch.profiles {
+                                    *by_profile.entry(profile.clone()).or_default() += n;
+                                }
+                            }
                             Err(err) => {
                                 Counters::add(&counters.errors, 1);
                                 if reported.fetch_add(1, Ordering::Relaxed) < MAX_REPORTED_ERRORS {
@@ -814,42 +997,128 @@ mod http {
                             }
                         }
                     }
-                    latencies
+                    (latencies, by_profile)
                 })
             })
             .collect();
         let mut latencies = Vec::new();
+        let mut by_profile: BTreeMap<String, u64> = BTreeMap::new();
         for worker in workers {
-            latencies.extend(worker.await?);
+            let (l, profiles) = worker.await?;
+            latencies.extend(l);
+            for (profile, n) in profiles {
+                *by_profile.entry(profile).or_default() += n;
+            }
         }
         let elapsed = started.elapsed();
         progress.abort();
-        Ok(Summary::new(&counters, latencies, elapsed))
+        Ok((Summary::new(&counters, latencies, elapsed), by_profile))
     }
 
-    /// POSTs one body, retrying on 503; returns the `accepted` count. Every attempt's
-    /// latency goes to `latencies` (microseconds).
-    async fn post(
-        client: &reqwest::Client,
-        url: &str,
-        body: &Bytes,
-        latencies: &mut Vec<u32>,
-    ) -> Result<u64, String> {
-        let mut attempt = 0;
-        loop {
-            let t = Instant::now();
-            let response = client
-                .post(url)
+    /// Encodes `batch` and groups its events by profile as the collector will.
+    fn prepare(batch: wire::Batch, start_at: Duration) -> Prepared {
+        let body = Bytes::from(wire::encode(&batch));
+        let events = batch.events.len() as u64;
+        let profiles = match ingest::pipeline::prepare(batch, OffsetDateTime::now_utc()) {
+            Ok(prepared) => prepared
+                .updates
+                .iter()
+                .map(|u| (u.profile.to_string(), u.events.len() as u64))
+                .collect(),
+            // The collector refuses such a batch as a whole; nothing to count.
+            Err(_) => Vec::new(),
+        };
+        Prepared {
+            body,
+            events,
+            profiles,
+            start_at,
+        }
+    }
+
+    /// One worker's way of sending a batch.
+    struct Sender<'a> {
+        client: &'a reqwest::Client,
+        url: &'a str,
+        counters: &'a Counters,
+        retry: Retry,
+    }
+
+    /// One attempt's outcome.
+    enum Attempt {
+        Acked(Ack),
+        /// 503 or 429: not taken, retry after this long.
+        Refused(Duration),
+        /// No connection: the request was never sent.
+        NotSent(String),
+        /// Sent (or partly), no answer: it may or may not have been applied.
+        Lost(String),
+        /// Any other answer: an error.
+        Failed(String),
+    }
+
+    impl Sender<'_> {
+        /// POSTs one batch until acknowledged or out of retries. Every attempt's latency
+        /// goes to `latencies` (microseconds).
+        async fn send(&self, batch: &Prepared, latencies: &mut Vec<u32>) -> Result<Ack, String> {
+            let first = Instant::now();
+            let mut retries = 0u32;
+            let mut backoff = FIRST_BACKOFF;
+            loop {
+                let t = Instant::now();
+                let attempt = self.attempt(&batch.body).await;
+                latencies.push(micros(t.elapsed()));
+                if let Attempt::Lost(_) = attempt {
+                    Counters::add(&self.counters.lost, 1);
+                }
+                let wait = match attempt {
+                    Attempt::Acked(ack) => return Ok(ack),
+                    Attempt::Failed(err) => return Err(err),
+                    Attempt::Refused(retry_after) => {
+                        Counters::add(&self.counters.refused, batch.events);
+                        backoff = FIRST_BACKOFF;
+                        match self.retry {
+                            Retry::Refusals(max) if retries >= max => {
+                                return Err(format!("refused {} times", retries + 1));
+                            }
+                            _ => retry_after,
+                        }
+                    }
+                    Attempt::NotSent(err) | Attempt::Lost(err) => {
+                        if let Retry::Refusals(_) = self.retry {
+                            return Err(err);
+                        }
+                        let wait = backoff;
+                        backoff = (backoff * 2).min(MAX_BACKOFF);
+                        wait
+                    }
+                };
+                if let Retry::Until(limit) = self.retry
+                    && first.elapsed() + wait > limit
+                {
+                    return Err(format!(
+                        "not acknowledged within {limit:?} ({} attempts)",
+                        retries + 1
+                    ));
+                }
+                tokio::time::sleep(wait).await;
+                retries += 1;
+                Counters::add(&self.counters.retries, 1);
+            }
+        }
+
+        async fn attempt(&self, body: &Bytes) -> Attempt {
+            let response = self
+                .client
+                .post(self.url)
                 .header(reqwest::header::CONTENT_TYPE, "application/octet-stream")
                 .body(body.clone())
                 .send()
                 .await;
             let response = match response {
                 Ok(r) => r,
-                Err(err) => {
-                    latencies.push(micros(t.elapsed()));
-                    return Err(format!("request failed: {err}"));
-                }
+                Err(err) if err.is_connect() => return Attempt::NotSent(format!("{err}")),
+                Err(err) => return Attempt::Lost(format!("request failed: {err}")),
             };
             let status = response.status();
             let retry_after = response
@@ -858,32 +1127,106 @@ mod http {
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.trim().parse::<u64>().ok())
                 .map(Duration::from_secs);
-            let text = response.bytes().await;
-            latencies.push(micros(t.elapsed()));
-            let text = text.map_err(|e| format!("reading the answer: {e}"))?;
+            let text = match response.bytes().await {
+                Ok(text) => text,
+                Err(err) => return Attempt::Lost(format!("reading the answer: {err}")),
+            };
             if status == StatusCode::OK {
-                let json: serde_json::Value = serde_json::from_slice(&text)
-                    .map_err(|e| format!("200 with a body that is not JSON: {e}"))?;
-                return json["accepted"]
-                    .as_u64()
-                    .ok_or_else(|| format!("200 without an accepted count: {json}"));
+                return match parse_ack(&text) {
+                    Ok(ack) => Attempt::Acked(ack),
+                    Err(err) => Attempt::Failed(err),
+                };
             }
-            if status == StatusCode::SERVICE_UNAVAILABLE && attempt < MAX_RETRIES {
-                attempt += 1;
+            let refused = status == StatusCode::SERVICE_UNAVAILABLE
+                || (status == StatusCode::TOO_MANY_REQUESTS
+                    && matches!(self.retry, Retry::Until(_)));
+            if refused {
                 let wait = retry_after
                     .unwrap_or(Duration::from_secs(1))
                     .min(MAX_RETRY_AFTER);
-                tokio::time::sleep(wait).await;
-                continue;
+                return Attempt::Refused(wait);
             }
             let body = String::from_utf8_lossy(&text);
             let body: String = body.chars().take(300).collect();
-            return Err(format!("{status} after {} attempts: {body}", attempt + 1));
+            Attempt::Failed(format!("{status}: {body}"))
         }
+    }
+
+    /// The `accepted` count and `spooled` flag of a 200 answer.
+    fn parse_ack(text: &[u8]) -> Result<Ack, String> {
+        let json: serde_json::Value = serde_json::from_slice(text)
+            .map_err(|e| format!("200 with a body that is not JSON: {e}"))?;
+        let accepted = json["accepted"]
+            .as_u64()
+            .ok_or_else(|| format!("200 without an accepted count: {json}"))?;
+        Ok(Ack {
+            accepted,
+            spooled: json["spooled"].as_bool().unwrap_or(false),
+        })
     }
 
     fn micros(d: Duration) -> u32 {
         u32::try_from(d.as_micros()).unwrap_or(u32::MAX)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn an_answer_says_what_was_accepted_and_whether_it_was_spooled() {
+            assert_eq!(
+                parse_ack(br#"{"accepted":20,"rejected":[]}"#),
+                Ok(Ack {
+                    accepted: 20,
+                    spooled: false
+                })
+            );
+            assert_eq!(
+                parse_ack(br#"{"accepted":3,"rejected":[],"spooled":true}"#),
+                Ok(Ack {
+                    accepted: 3,
+                    spooled: true
+                })
+            );
+            assert_eq!(
+                parse_ack(br#"{"rejected":[]}"#),
+                Err(r#"200 without an accepted count: {"rejected":[]}"#.to_string())
+            );
+        }
+
+        #[test]
+        fn events_are_counted_for_the_profile_the_collector_gives_them() {
+            let event = |n: u8, kind: wire::EventKind, user: Option<&str>| wire::Event {
+                message_id: [n; 16],
+                timestamp_ms: 1,
+                kind,
+                purpose: wire::Purpose::Analytics,
+                user_id: user.map(Into::into),
+                ..wire::Event::default()
+            };
+            let batch = wire::Batch {
+                write_key: "k".into(),
+                sent_at_ms: 1,
+                consent: 0b1111,
+                context: wire::Context {
+                    anonymous_id: Some("visitor-1".into()),
+                    ..wire::Context::default()
+                },
+                events: vec![
+                    event(1, wire::EventKind::Page, None),
+                    event(2, wire::EventKind::Identify, Some("alice")),
+                    event(3, wire::EventKind::Page, None),
+                ],
+            };
+            let prepared = prepare(batch, Duration::from_millis(5));
+            assert_eq!(prepared.events, 3);
+            assert_eq!(prepared.start_at, Duration::from_millis(5));
+            assert_eq!(
+                prepared.profiles,
+                vec![("a:visitor-1".to_string(), 2), ("u:alice".to_string(), 1)]
+            );
+        }
     }
 }
 
