@@ -15,8 +15,8 @@ use axum::routing::{get, post};
 use axum::{Extension, Json, Router};
 use profile_cache::audit::{AuditResult, Operation};
 use profile_cache::segments::{Predicate, Segment};
+use profile_cache::{Erasure, Export, Profile, ProfileId, StoreError};
 use profile_cache::{MemberCursor, MemberPage, MembersRequest};
-use profile_cache::{Profile, ProfileId, StoreError};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use subtle::ConstantTimeEq;
@@ -100,7 +100,8 @@ pub fn router(state: AppState) -> Router {
         .layer(cors);
     let mut app = Router::new()
         .merge(batches)
-        .route("/v1/profiles/{id}", get(profile))
+        .route("/v1/profiles/{id}", get(profile).delete(erase_profile))
+        .route("/v1/profiles/{id}/export", get(export_profile))
         .route("/v1/segments", get(segments))
         .route("/v1/segments/{name}/members", get(segment_members))
         .route("/healthz", get(healthz))
@@ -180,8 +181,8 @@ async fn collect(
     if let Some(spool) = state.spool.as_ref().filter(|s| !s.is_drained()) {
         return spool_batch(&state, spool, &spooled, prepared).await;
     }
-    let report = match state.store.apply(&prepared.updates).await {
-        Ok(report) => report,
+    let applied = match state.store.apply_batch(&prepared.updates).await {
+        Ok(applied) => applied,
         Err(StoreError::Unavailable(err)) if state.spool.is_some() => {
             warn!(cause = %err, "redis unavailable: spooling");
             let spool = state.spool.as_ref().ok_or(ApiError::Internal)?;
@@ -189,15 +190,32 @@ async fn collect(
         }
         Err(err) => return Err(store_error(&state, err)),
     };
+    let report = applied.report;
     if report.duplicates > 0 {
         info!(duplicates = report.duplicates, "retried events skipped");
     }
+    let mut rejected = prepared.rejected;
+    if !applied.suppressed.is_empty() {
+        // Events of an erased person: dropped by the store, not written anywhere.
+        for update in &applied.suppressed {
+            let indices = prepared.positions.get(*update).into_iter().flatten();
+            rejected.extend(indices.map(|&index| Rejected {
+                index,
+                reason: SUPPRESSED.into(),
+            }));
+        }
+        rejected.sort_by_key(|r| r.index);
+        report_dropped_events("suppressed", applied.suppressed_events as usize);
+    }
     Ok(Json(BatchResponse {
         accepted: report.applied + report.duplicates,
-        rejected: prepared.rejected,
+        rejected,
         spooled: false,
     }))
 }
+
+/// The reason given for an event of an erased person (a privacy deletion suppressed its id).
+pub const SUPPRESSED: &str = "suppressed: the person was erased";
 
 /// Acknowledges a batch once it is written to the spool (and, with `fsync = "always"`,
 /// synced); the replayer applies it later. A full spool is 503 with `Retry-After`, like an
@@ -278,6 +296,55 @@ async fn profile(
     // Nothing is answered unless the access is on record.
     audit(&state, token, Operation::ProfileRead, &id, result).await?;
     profile.map(Json).ok_or(ApiError::NotFound)
+}
+
+/// `GET /v1/profiles/{id}/export`: everything stored about the person, as one JSON
+/// document ([`Export`]). Needs `privacy:write`; recorded in the audit log (operation
+/// `profile_export`) before it answers.
+#[instrument(skip_all)]
+async fn export_profile(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Export>, ApiError> {
+    let access = (Operation::ProfileExport, id.as_str());
+    let token = authorize(&state, &headers, Scope::PrivacyWrite, Some(access)).await?;
+    let export = state
+        .store
+        .export(&id, state.clock.now())
+        .await
+        .map_err(|e| store_error(&state, e))?;
+    let result = match export {
+        Some(_) => AuditResult::Ok,
+        None => AuditResult::NotFound,
+    };
+    audit(&state, token, Operation::ProfileExport, &id, result).await?;
+    export.map(Json).ok_or(ApiError::NotFound)
+}
+
+/// `DELETE /v1/profiles/{id}`: erases the person and suppresses their ids ([`Erasure`]).
+/// Needs `privacy:write`; a repeat answers 200 with `already_erased`, an id never seen 404.
+/// Recorded in the audit log (operation `profile_delete`) once done: a failure midway
+/// answers 503 or 500, and a retry finishes the erasure and is recorded then.
+#[instrument(skip_all)]
+async fn erase_profile(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Erasure>, ApiError> {
+    let access = (Operation::ProfileDelete, id.as_str());
+    let token = authorize(&state, &headers, Scope::PrivacyWrite, Some(access)).await?;
+    let erasure = state
+        .store
+        .erase(&id, state.clock.now())
+        .await
+        .map_err(|e| store_error(&state, e))?;
+    let result = match erasure {
+        Some(_) => AuditResult::Ok,
+        None => AuditResult::NotFound,
+    };
+    audit(&state, token, Operation::ProfileDelete, &id, result).await?;
+    erasure.map(Json).ok_or(ApiError::NotFound)
 }
 
 /// The token of a request, counted against its rate, that allows `scope`. A known token
@@ -599,7 +666,7 @@ fn store_error(state: &AppState, err: StoreError) -> ApiError {
     }
 }
 
-/// Counts events the collector left out, by reason (`consent`, `invalid`).
+/// Counts events the collector left out, by reason (`consent`, `invalid`, `suppressed`).
 fn report_dropped_events(reason: &'static str, n: usize) {
     info!(reason, dropped = n, "events dropped");
 }

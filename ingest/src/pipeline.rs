@@ -23,6 +23,9 @@ pub struct Rejected {
 pub struct Prepared {
     /// One update per profile, events in batch order.
     pub updates: Vec<ProfileUpdate>,
+    /// The batch index of each event of each update, in the order of `updates`: what an
+    /// answer names an event by, should the store drop an update (an erased person).
+    pub positions: Vec<Vec<usize>>,
     /// Events left out, in batch order.
     pub rejected: Vec<Rejected>,
     /// How many of `rejected` lacked consent.
@@ -151,15 +154,21 @@ pub fn prepare(batch: wire::Batch, received_at: OffsetDateTime) -> Result<Prepar
             }),
             purpose,
         };
-        match prepared.updates.iter_mut().find(|u| u.profile == profile) {
-            Some(update) => update.events.push(event),
-            None => prepared.updates.push(ProfileUpdate {
-                profile,
-                anonymous_id: anonymous_id.clone(),
-                user_id: profile_user,
-                context: context.clone(),
-                events: vec![event],
-            }),
+        match prepared.updates.iter().position(|u| u.profile == profile) {
+            Some(i) => {
+                prepared.updates[i].events.push(event);
+                prepared.positions[i].push(index);
+            }
+            None => {
+                prepared.updates.push(ProfileUpdate {
+                    profile,
+                    anonymous_id: anonymous_id.clone(),
+                    user_id: profile_user,
+                    context: context.clone(),
+                    events: vec![event],
+                });
+                prepared.positions.push(vec![index]);
+            }
         }
     }
     Ok(prepared)

@@ -1,19 +1,31 @@
 //! The collector's view of profile storage: a small trait, implemented by
 //! [`profile_cache::RedisProfiles`] and, for handler unit tests, by [`MemoryStore`].
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Mutex;
 
 use async_trait::async_trait;
-use profile_cache::{ApplyReport, Profile, ProfileUpdate, RedisProfiles, StoreError};
+use profile_cache::privacy::{Scanned, StreamEntry};
+use profile_cache::{ApplyReport, Profile, ProfileId, ProfileUpdate, RedisProfiles, StoreError};
+use profile_cache::{BatchReport, Erasure, ErasureStatus, Export};
 use profile_cache::{MemberCursor, MemberPage, MembersRequest, SegmentMember};
 use time::OffsetDateTime;
 
 /// Where profiles live.
 #[async_trait]
 pub trait ProfileStore: Send + Sync + 'static {
-    /// Applies the updates of one batch, atomically per profile and idempotently.
+    /// Applies the updates of one batch, atomically per profile and idempotently. The
+    /// events of an erased person are dropped, neither applied nor duplicates.
     async fn apply(&self, updates: &[ProfileUpdate]) -> Result<ApplyReport, StoreError>;
+    /// As [`ProfileStore::apply`], and says which updates were dropped because their
+    /// person was erased (at most one more round trip, only when some were).
+    async fn apply_batch(&self, updates: &[ProfileUpdate]) -> Result<BatchReport, StoreError>;
+    /// Everything stored about the person `id` names (user id, else anonymous id); `None`
+    /// when nothing is.
+    async fn export(&self, id: &str, now: OffsetDateTime) -> Result<Option<Export>, StoreError>;
+    /// Erases the person `id` names and suppresses their ids; `None` when the id names
+    /// nothing and was never erased. Safe to repeat.
+    async fn erase(&self, id: &str, now: OffsetDateTime) -> Result<Option<Erasure>, StoreError>;
     /// Finds a profile by user id or anonymous id.
     async fn find(&self, id: &str, now: OffsetDateTime) -> Result<Option<Profile>, StoreError>;
     /// Succeeds when the store answers.
@@ -35,6 +47,15 @@ impl ProfileStore for RedisProfiles {
     async fn apply(&self, updates: &[ProfileUpdate]) -> Result<ApplyReport, StoreError> {
         RedisProfiles::apply(self, updates).await
     }
+    async fn apply_batch(&self, updates: &[ProfileUpdate]) -> Result<BatchReport, StoreError> {
+        RedisProfiles::apply_batch(self, updates).await
+    }
+    async fn export(&self, id: &str, now: OffsetDateTime) -> Result<Option<Export>, StoreError> {
+        RedisProfiles::export(self, id, now).await
+    }
+    async fn erase(&self, id: &str, now: OffsetDateTime) -> Result<Option<Erasure>, StoreError> {
+        RedisProfiles::erase(self, id, now).await
+    }
     async fn find(&self, id: &str, now: OffsetDateTime) -> Result<Option<Profile>, StoreError> {
         RedisProfiles::find(self, id, now).await
     }
@@ -54,7 +75,9 @@ impl ProfileStore for RedisProfiles {
 }
 
 /// An in-memory store for handler tests: records updates, dedupes by message id, and
-/// answers `find` and the segment reads with profiles and members placed by the test. It
+/// answers `find` and the segment reads with profiles and members placed by the test. An
+/// export is the placed profile with the events applied to it; an erasure removes the
+/// profile and suppresses its id and anonymous ids, whose updates `apply` then drops. It
 /// models no profile or segment logic.
 #[derive(Default)]
 pub struct MemoryStore {
@@ -68,6 +91,8 @@ struct Memory {
     profiles: BTreeMap<String, Profile>,
     /// Segment name to its members, each with every trait of its profile.
     members: BTreeMap<String, Vec<SegmentMember>>,
+    /// Profile ids of erased people.
+    suppressed: BTreeSet<ProfileId>,
     down: bool,
 }
 
@@ -119,6 +144,9 @@ impl ProfileStore for MemoryStore {
         }
         let mut report = ApplyReport::default();
         for u in updates {
+            if m.suppressed.contains(&u.profile) {
+                continue;
+            }
             let mut u = u.clone();
             let profile = u.profile.to_string();
             u.events.retain(|e| {
@@ -133,6 +161,105 @@ impl ProfileStore for MemoryStore {
             m.applied.push(u);
         }
         Ok(report)
+    }
+
+    async fn apply_batch(&self, updates: &[ProfileUpdate]) -> Result<BatchReport, StoreError> {
+        let report = self.apply(updates).await?;
+        let m = self.lock();
+        let suppressed: Vec<usize> = (0..updates.len())
+            .filter(|i| {
+                !updates[*i].events.is_empty() && m.suppressed.contains(&updates[*i].profile)
+            })
+            .collect();
+        Ok(BatchReport {
+            report,
+            suppressed_events: suppressed
+                .iter()
+                .map(|i| updates[*i].events.len() as u64)
+                .sum(),
+            suppressed,
+        })
+    }
+
+    async fn export(&self, id: &str, now: OffsetDateTime) -> Result<Option<Export>, StoreError> {
+        let m = self.lock();
+        if m.down {
+            return Err(unavailable());
+        }
+        let Some(profile) = m.profiles.get(id).cloned() else {
+            return Ok(None);
+        };
+        let events = m
+            .applied
+            .iter()
+            .filter(|u| u.profile == profile.id)
+            .flat_map(|u| &u.events)
+            .enumerate()
+            .map(|(n, e)| StreamEntry {
+                id: format!("{}-0", n + 1),
+                fields: serde_json::Map::from_iter([
+                    ("profile".to_string(), profile.id.to_string().into()),
+                    ("kind".to_string(), e.kind.as_str().into()),
+                ]),
+            })
+            .collect();
+        Ok(Some(Export {
+            profile_id: profile.id.clone(),
+            user_id: profile.user_id.clone(),
+            anonymous_ids: profile.anonymous_ids.clone(),
+            exported_at: now,
+            consent: profile.consent.clone(),
+            profile: Some(profile),
+            segments: Vec::new(),
+            schedule: BTreeMap::new(),
+            keys: BTreeMap::new(),
+            events,
+            transitions: Vec::new(),
+            scanned: Scanned::default(),
+        }))
+    }
+
+    async fn erase(&self, id: &str, _now: OffsetDateTime) -> Result<Option<Erasure>, StoreError> {
+        let mut m = self.lock();
+        if m.down {
+            return Err(unavailable());
+        }
+        let Some(profile) = m.profiles.remove(id) else {
+            let erased = [ProfileId::user(id), ProfileId::anonymous(id)]
+                .into_iter()
+                .filter_map(Result::ok)
+                .find(|p| m.suppressed.contains(p));
+            return Ok(erased.map(Erasure::already));
+        };
+        m.profiles.retain(|_, p| p.id != profile.id);
+        let mut erased = vec![profile.id.clone()];
+        for a in &profile.anonymous_ids {
+            if let Ok(a) = ProfileId::anonymous(a)
+                && !erased.contains(&a)
+            {
+                erased.push(a);
+            }
+        }
+        let events = m
+            .applied
+            .iter()
+            .filter(|u| erased.contains(&u.profile))
+            .map(|u| u.events.len() as u64)
+            .sum();
+        m.applied.retain(|u| !erased.contains(&u.profile));
+        let profiles = erased.len() as u64;
+        m.suppressed.extend(erased);
+        Ok(Some(Erasure {
+            profile_id: profile.id,
+            status: ErasureStatus::Erased,
+            profiles,
+            keys: 0,
+            segment_memberships: 0,
+            schedule_entries: 0,
+            events,
+            transitions: 0,
+            scanned: Scanned::default(),
+        }))
     }
 
     async fn find(&self, id: &str, _now: OffsetDateTime) -> Result<Option<Profile>, StoreError> {

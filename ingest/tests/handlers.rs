@@ -12,6 +12,7 @@ use ingest::config::{Config, WriteKey};
 use ingest::store::MemoryStore;
 use ingest::{AppState, Clock, RateLimits, router};
 use profile_cache::SegmentMember;
+use profile_cache::audit::{AuditResult, Operation};
 use profile_cache::{EventKind, ProfileId};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
@@ -789,4 +790,245 @@ async fn batches_spooled_while_the_store_is_down_are_replayed_in_order() {
     assert_eq!(body, json!({"accepted": 1, "rejected": []}));
     let _ = stop.send(());
     replay.await.unwrap();
+}
+
+// ------------------------------------------------------------------ privacy rights
+
+/// An app with a reader token (`reader-token-1`) and a privacy token (`privacy-token-1`),
+/// the store and the audit log, with anonymous visitor `anon-1` placed in the store.
+fn privacy_app() -> (Router, Arc<MemoryStore>, Arc<MemoryAuditLog>) {
+    let config = Config {
+        write_keys: vec![WriteKey {
+            key: "site-key".into(),
+            origins: vec![],
+        }],
+        api_tokens: vec![
+            reader(),
+            ApiToken {
+                name: "dpo".into(),
+                sha256: TokenHash::of("privacy-token-1"),
+                scopes: vec![Scope::PrivacyWrite],
+            },
+        ],
+        ..Config::default()
+    };
+    let store = Arc::new(MemoryStore::default());
+    let audit = Arc::new(MemoryAuditLog::default());
+    store.put_profile("anon-1", visitor_profile());
+    let state = AppState {
+        store: store.clone(),
+        clock: Arc::new(Fixed),
+        audit: audit.clone(),
+        limits: Arc::new(RateLimits::new(
+            &config.rate_limits,
+            &config.trusted_proxies,
+        )),
+        segments: Arc::from([]),
+        spool: None,
+        config: Arc::new(config),
+    };
+    (router(state), store, audit)
+}
+
+fn visitor_profile() -> profile_cache::Profile {
+    profile_cache::Profile {
+        id: ProfileId::anonymous("anon-1").unwrap(),
+        user_id: None,
+        anonymous_ids: vec!["anon-1".into()],
+        traits: Default::default(),
+        first_seen: NOW,
+        last_seen: NOW,
+        events: 1,
+        page_views: 1,
+        sessions: 1,
+        event_counts: [("page".to_string(), 1)].into(),
+        recently_viewed: vec![],
+        categories_viewed: vec![],
+        categories_bought: vec![],
+        cart: vec![],
+        cart_updated_at: None,
+        orders: 0,
+        revenue: 0,
+        last_order_at: None,
+        email_opens: 0,
+        email_clicks: 0,
+        last_engaged_at: None,
+        lifecycle: profile_cache::Lifecycle::New,
+        consent: Default::default(),
+        segments: vec![],
+    }
+}
+
+fn privacy_request(method: &str, path: &str, bearer: Option<&str>) -> Request<Body> {
+    let mut r = Request::builder().method(method).uri(path);
+    if let Some(token) = bearer {
+        r = r.header(header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    r.body(Body::empty()).unwrap()
+}
+
+fn audited(
+    actor: &str,
+    operation: Operation,
+    id: &str,
+    result: AuditResult,
+) -> (String, Operation, String, AuditResult) {
+    (
+        actor.into(),
+        operation,
+        profile_cache::privacy::hash_id(id).to_string(),
+        result,
+    )
+}
+
+fn audit_log(audit: &MemoryAuditLog) -> Vec<(String, Operation, String, AuditResult)> {
+    audit
+        .entries()
+        .into_iter()
+        .map(|e| (e.actor, e.operation, e.subject.to_string(), e.result))
+        .collect()
+}
+
+#[tokio::test]
+async fn export_and_delete_need_the_privacy_write_scope_and_are_audited() {
+    let (app, _, audit) = privacy_app();
+    for (method, path) in [
+        ("GET", "/v1/profiles/anon-1/export"),
+        ("DELETE", "/v1/profiles/anon-1"),
+    ] {
+        let (status, body, _) = send(&app, privacy_request(method, path, None)).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{method} {path}");
+        assert_eq!(body["error"], "missing_token");
+        let (status, body, headers) =
+            send(&app, privacy_request(method, path, Some("reader-token-1"))).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{method} {path}");
+        assert_eq!(
+            body,
+            json!({"error": "insufficient_scope",
+                   "message": "this token lacks the scope privacy:write",
+                   "scope": "privacy:write"})
+        );
+        assert_eq!(
+            headers[header::WWW_AUTHENTICATE],
+            r#"Bearer error="insufficient_scope", scope="privacy:write""#
+        );
+    }
+    // Refused: nothing was exported or erased.
+    let (status, body, _) = send(
+        &app,
+        privacy_request("GET", "/v1/profiles/anon-1/export", Some("privacy-token-1")),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["profile_id"], "a:anon-1");
+    assert_eq!(body["anonymous_ids"], json!(["anon-1"]));
+    assert_eq!(body["profile"]["page_views"], 1);
+    assert_eq!(body["exported_at"], "2026-11-29T12:00:00Z");
+
+    let (status, body, _) = send(
+        &app,
+        privacy_request("DELETE", "/v1/profiles/anon-1", Some("privacy-token-1")),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        body,
+        json!({"profile_id": "a:anon-1", "status": "erased", "profiles": 1, "keys": 0,
+               "segment_memberships": 0, "schedule_entries": 0, "events": 0,
+               "transitions": 0, "scanned": {"events": 0, "transitions": 0}})
+    );
+    // Again: nothing left, and it says so.
+    let (status, body, _) = send(
+        &app,
+        privacy_request("DELETE", "/v1/profiles/anon-1", Some("privacy-token-1")),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(body["status"], "already_erased");
+    assert_eq!(body["profiles"], 0);
+    let (status, body, _) = send(
+        &app,
+        privacy_request("GET", "/v1/profiles/anon-1/export", Some("privacy-token-1")),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    assert_eq!(body["error"], "not_found");
+    let (status, _, _) = send(
+        &app,
+        privacy_request("DELETE", "/v1/profiles/never-seen", Some("privacy-token-1")),
+    )
+    .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+
+    use AuditResult::{Forbidden, NotFound, Ok};
+    use Operation::{ProfileDelete, ProfileExport};
+    assert_eq!(
+        audit_log(&audit),
+        [
+            audited("reader", ProfileExport, "anon-1", Forbidden),
+            audited("reader", ProfileDelete, "anon-1", Forbidden),
+            audited("dpo", ProfileExport, "anon-1", Ok),
+            audited("dpo", ProfileDelete, "anon-1", Ok),
+            audited("dpo", ProfileDelete, "anon-1", Ok),
+            audited("dpo", ProfileExport, "anon-1", NotFound),
+            audited("dpo", ProfileDelete, "never-seen", NotFound),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_deletion_is_not_done_when_it_cannot_be_audited() {
+    let (app, store, audit) = privacy_app();
+    store.set_down(true);
+    let (status, body, headers) = send(
+        &app,
+        privacy_request("DELETE", "/v1/profiles/anon-1", Some("privacy-token-1")),
+    )
+    .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(body["error"], "unavailable");
+    assert_eq!(headers[header::RETRY_AFTER], "1");
+    store.set_down(false);
+    audit.set_down(true);
+    let (status, _, _) = send(
+        &app,
+        privacy_request("GET", "/v1/profiles/anon-1/export", Some("privacy-token-1")),
+    )
+    .await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(audit.entries().is_empty());
+}
+
+#[tokio::test]
+async fn late_events_of_an_erased_person_are_rejected_as_suppressed() {
+    let (app, store, _) = privacy_app();
+    let (status, _, _) = send(
+        &app,
+        privacy_request("DELETE", "/v1/profiles/anon-1", Some("privacy-token-1")),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    // A late batch of the erased visitor: page views, one without consent, and an
+    // identify, which goes to a user profile that was not erased.
+    let mut identify = event(4, wire::EventKind::Identify, wire::Purpose::Analytics);
+    identify.user_id = Some("user-42".into());
+    let b = batch(vec![
+        page(1),
+        event(2, wire::EventKind::Page, wire::Purpose::Marketing),
+        page(3),
+        identify,
+    ]);
+    let (status, body, _) = send(&app, post(wire::encode(&b))).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        body,
+        json!({"accepted": 1, "rejected": [
+            {"index": 0, "reason": "suppressed: the person was erased"},
+            {"index": 1, "reason": "consent: marketing not granted"},
+            {"index": 2, "reason": "suppressed: the person was erased"},
+        ]})
+    );
+    let applied = store.applied();
+    let profiles: Vec<&str> = applied.iter().map(|u| u.profile.as_str()).collect();
+    assert_eq!(profiles, ["u:user-42"]);
 }

@@ -7,8 +7,9 @@
 --
 -- KEYS: 1 profile, 2 traits, 3 counts, 4 ids, 5 viewed, 6 cat_viewed, 7 cat_bought, 8 cart,
 --       9 dedupe, 10 windows, 11 segments, 12 merges, 13 the event stream, 14 the transition
---       stream, 15 the deadline schedule, then the member set of each segment of `plan`, in
---       its order (names: keys.rs).
+--       stream, 15 the deadline schedule, 16 the profile's suppression key, 17 the suppression
+--       key of the update's anonymous profile (16 again when there is none), then the member
+--       set of each segment of `plan`, in its order (names: keys.rs).
 -- ARGV: 1 now (Unix ms), 2 dedupe window (ms), 3 dedupe max ids, 4 recently viewed max,
 --       5 event stream max length, 6 lifecycle new_for (ms), 7 transition stream max length,
 --       8 profile id, 9 anonymous id, 10 user id, 11 session id ('' when unknown), 12 the
@@ -33,6 +34,15 @@
 -- nothing is written), or {'gone', 0} when the profile no longer exists or was merged into
 -- another (it leaves the schedule).
 --
+-- Erased people (privacy.rs): while key 16 exists, the profile's person was erased and
+-- nothing is written for it again: an update returns {0, 0, ''} (no event applied, none a
+-- duplicate: the caller tells from the shortfall that it was suppressed), an evaluation
+-- removes the profile from the schedule and returns {'gone', 0}, and a merge into it fails.
+-- While key 17 exists, the update's anonymous id was erased: a user profile's update is
+-- applied but does not take that id in (no link, no merge), so the erased anonymous
+-- profile is not recreated. Key 16 is in the profile's slot; key 17 is in the anonymous
+-- profile's, like the global keys above one more key a Redis Cluster setup must route.
+--
 -- The configured segments are part of the script's text: script.rs (`ScriptSegments`)
 -- writes them into the `local plan` line below as a Lua table when the store is built, so
 -- no call sends or decodes them: {segments = {{name, condition}}, windows = {{event,
@@ -47,8 +57,8 @@
 -- script.rs and segments.rs ensure.
 
 local P, TRAITS, COUNTS, IDS, VIEWED, CAT_VIEWED, CAT_BOUGHT, CART, DEDUPE, WINDOWS, SEGMENTS,
-  MERGES, STREAM, TRANSITIONS, DEADLINES = unpack(KEYS, 1, 15)
-local FIRST_MEMBERS = 16 -- KEYS index of the first segment's member set
+  MERGES, STREAM, TRANSITIONS, DEADLINES, SUPPRESSED, ANON_SUPPRESSED = unpack(KEYS, 1, 17)
+local FIRST_MEMBERS = 18 -- KEYS index of the first segment's member set
 local now = tonumber(ARGV[1])
 local window = tonumber(ARGV[2])
 local dedupe_max = tonumber(ARGV[3])
@@ -132,10 +142,11 @@ end
 -- A profile merged into another keeps only `merged_into` (and `merge_state`) in its hash:
 -- whatever arrives for it belongs to the target (identity.rs).
 local merged_into = redis.call('HGET', P, 'merged_into')
+local erased = redis.call('EXISTS', SUPPRESSED) == 1
 if evaluation then
   local score = redis.call('ZSCORE', DEADLINES, profile_id)
   if not score or tonumber(score) ~= tonumber(claim) then return { 'superseded', 0 } end
-  if merged_into or redis.call('EXISTS', P) == 0 then
+  if erased or merged_into or redis.call('EXISTS', P) == 0 then
     redis.call('ZREM', DEADLINES, profile_id)
     return { 'gone', 0 }
   end
@@ -144,6 +155,12 @@ if evaluation then
     redis.call('ZREM', DEADLINES, profile_id)
     return { 'evaluated', 0 }
   end
+end
+if erased then
+  if folding then
+    return redis.error_reply('ERR apply.lua: the profile was erased; nothing is merged into it')
+  end
+  return { 0, 0, '' }
 end
 
 local PURPOSES = { 'necessary', 'analytics', 'personalization', 'marketing' }
@@ -241,8 +258,8 @@ end
 -- the limit: `merges` says which). The id joins this profile's ids only when the merge may
 -- happen; the caller runs the merge (identity.rs), and is told again by every update until
 -- the merge has been recorded, so a crash in between delays it and loses nothing.
-local merge, take_anon = '', anonymous_id ~= ''
-if reason == 'event' and anonymous_id ~= '' and string.sub(profile_id, 1, 2) == 'u:' then
+local merge, take_anon = '', anonymous_id ~= '' and redis.call('EXISTS', ANON_SUPPRESSED) == 0
+if reason == 'event' and take_anon and string.sub(profile_id, 1, 2) == 'u:' then
   local from = 'a:' .. anonymous_id
   local done = redis.call('HGET', MERGES, from)
   if done then

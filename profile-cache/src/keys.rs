@@ -40,6 +40,9 @@ pub const REBUILD_LEASE: &str = "meta:{segments}:rebuild_lease";
 /// contains braces, so only `profile:{ID}` itself ends with `}`.
 pub const PROFILE_PATTERN: &str = "profile:{*}";
 
+/// The `SCAN ... MATCH` pattern of the suppression keys ([`suppressed`]).
+pub const SUPPRESSED_PATTERN: &str = "suppressed:*";
+
 /// The profile id inside a [`profile`] key (`u:alice` for `profile:{u:alice}`); `None` for
 /// any other key.
 pub fn profile_of_key(key: &str) -> Option<&str> {
@@ -107,6 +110,58 @@ pub fn segments(id: &ProfileId) -> String {
 /// user) or `limit` (this profile had as many anonymous ids as it may take).
 pub fn merges(id: &ProfileId) -> String {
     format!("profile:{{{id}}}:merges")
+}
+
+/// String: set when the person whose profile `id` was is erased
+/// ([`crate::privacy`]), holding when (Unix ms); the apply script then writes nothing for
+/// `id` again. The key names neither the id nor its hash tag: it is
+/// `suppressed:{<slot tag>}:<SHA-256 of the profile id, hex>`, where the slot tag
+/// ([`slot_tag`]) puts it in the Redis Cluster slot of `{id}`, so the apply script's check
+/// stays within the profile's slot.
+pub fn suppressed(id: &ProfileId) -> String {
+    let tag = slot_tag(slot(id.as_str()));
+    format!(
+        "suppressed:{{{tag}}}:{}",
+        crate::privacy::hash_id(id.as_str())
+    )
+}
+
+/// The Redis Cluster slot of a key whose hash tag is `tag`: CRC16 (XMODEM) of its bytes,
+/// modulo 16,384.
+pub fn slot(tag: &str) -> u16 {
+    let mut crc: u16 = 0;
+    for &b in tag.as_bytes() {
+        crc ^= u16::from(b) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc & 0x3fff
+}
+
+/// The hash tag of [`suppressed`] keys in `slot`: the smallest non-negative integer, in
+/// decimal, whose [`slot`] is `slot` (all are below 110,000). A fixed rule, so that any
+/// reader can compute the key; the table is built once, from about 110,000 CRCs.
+pub fn slot_tag(slot: u16) -> u32 {
+    static TAGS: std::sync::LazyLock<Vec<u32>> = std::sync::LazyLock::new(|| {
+        let mut tags = vec![u32::MAX; 16_384];
+        let mut missing = tags.len();
+        let mut n = 0u32;
+        while missing > 0 {
+            let entry = &mut tags[usize::from(self::slot(&n.to_string()))];
+            if *entry == u32::MAX {
+                *entry = n;
+                missing -= 1;
+            }
+            n += 1;
+        }
+        tags
+    });
+    TAGS[usize::from(slot & 0x3fff)]
 }
 
 /// Sorted set: the profile ids in segment `name`, scored by when they entered (Unix ms).
@@ -240,6 +295,34 @@ mod tests {
         for key in [SEGMENT_DEFINITIONS, REBUILD_PROGRESS, REBUILD_LEASE] {
             assert!(key.contains("{segments}"), "{key}");
         }
+    }
+
+    #[test]
+    fn slots_are_redis_cluster_slots() {
+        // The CRC16 check value, and `CLUSTER KEYSLOT` of the Redis Cluster specification.
+        assert_eq!(slot("123456789"), 0x31c3);
+        assert_eq!(slot("foo"), 12_182);
+        assert_eq!(slot("somekey"), 11_058);
+        assert_eq!(slot("hello"), 866);
+        for s in [0, 1, 866, 12_182, 16_383] {
+            assert_eq!(slot(&slot_tag(s).to_string()), s);
+        }
+        assert_eq!(slot_tag(slot("0")), 0);
+        assert!((0..16_384).all(|s| slot_tag(s) < 110_000));
+    }
+
+    #[test]
+    fn suppression_keys_share_the_profile_slot_without_naming_it() {
+        let id = ProfileId::user("alice").unwrap();
+        let key = suppressed(&id);
+        // `printf %s u:alice | sha256sum`
+        let digest = "5f56e41a45f480f8942ca0bae83a7e0c55b9f45ee70c84e4daa1f79feae48dd3";
+        let tag = slot_tag(slot("u:alice"));
+        assert_eq!(key, format!("suppressed:{{{tag}}}:{digest}"));
+        assert!(!key.contains("alice"));
+        assert_eq!(slot(&tag.to_string()), slot("u:alice"));
+        let anon = ProfileId::anonymous("alice").unwrap();
+        assert_ne!(suppressed(&anon), key);
     }
 
     #[test]

@@ -28,6 +28,9 @@
 //! - [`lifecycle`]: lifecycle stage thresholds and the stage of a profile at a time.
 //! - [`segments`]: segment definitions, their checks, the compiled form and the reference
 //!   (from-scratch) evaluator with deadlines.
+//! - [`privacy`]: privacy rights: exporting everything stored about a person, erasing it,
+//!   and suppressing the erased ids so late events cannot recreate them
+//!   ([`RedisProfiles::export`], [`RedisProfiles::erase`], [`RedisProfiles::apply_batch`]).
 //! - [`audit`]: the audit stream: who read, exported or deleted which profile (its id
 //!   hashed), when, with what result ([`audit::AuditStream`]).
 //! - `testing` (feature `testing`): throwaway `redis-server` processes for tests and tools.
@@ -37,6 +40,7 @@ pub mod identity;
 pub mod keys;
 pub mod lifecycle;
 pub mod model;
+pub mod privacy;
 mod reads;
 pub mod rebuild;
 pub mod schedule;
@@ -53,6 +57,7 @@ pub use model::{
     EventKind, IdError, Item, Lifecycle, Profile, ProfileId, ProfileUpdate, Purpose,
     SegmentMembership, Value, ViewedProduct,
 };
+pub use privacy::{BatchReport, Erasure, ErasureStatus, Export};
 pub use reads::{
     Change, CursorError, GroupStart, MemberCursor, MemberPage, MembersRequest, RecordedSegment,
     RecordedSegments, SegmentMember, TRANSITIONS_WAIT, Transition, TransitionBatch,

@@ -229,7 +229,20 @@ pub(crate) fn invocation<'s>(
         .map(|e| e.received_at)
         .max()
         .unwrap_or_else(OffsetDateTime::now_utc);
-    let mut inv = prepare(script, member_keys, &update.profile, now, config);
+    // The anonymous id was checked by the collector; one that is no profile id has no
+    // suppression key, and the profile's own stands in.
+    let anonymous = update
+        .anonymous_id
+        .as_deref()
+        .and_then(|a| ProfileId::anonymous(a).ok());
+    let mut inv = prepare(
+        script,
+        member_keys,
+        &update.profile,
+        anonymous.as_ref(),
+        now,
+        config,
+    );
     inv.arg(update.anonymous_id.as_deref().unwrap_or(""))
         .arg(update.user_id.as_deref().unwrap_or(""))
         .arg(update.context.session_id.as_deref().unwrap_or(""))
@@ -256,7 +269,7 @@ pub(crate) fn evaluation<'s>(
     now: OffsetDateTime,
     config: &ProfileConfig,
 ) -> redis::ScriptInvocation<'s> {
-    let mut inv = prepare(script, member_keys, profile, now, config);
+    let mut inv = prepare(script, member_keys, profile, None, now, config);
     inv.arg("")
         .arg("")
         .arg("")
@@ -267,10 +280,12 @@ pub(crate) fn evaluation<'s>(
 }
 
 /// The keys and the arguments up to the profile id, which updates and evaluations share.
+/// `anonymous`: the update's anonymous profile, whose suppression the script checks too.
 fn prepare<'s>(
     script: &'s redis::Script,
     member_keys: &[String],
     profile: &ProfileId,
+    anonymous: Option<&ProfileId>,
     now: OffsetDateTime,
     config: &ProfileConfig,
 ) -> redis::ScriptInvocation<'s> {
@@ -279,6 +294,8 @@ fn prepare<'s>(
         inv.key(key);
     }
     inv.key(EVENT_STREAM).key(TRANSITION_STREAM).key(DEADLINES);
+    inv.key(keys::suppressed(profile))
+        .key(keys::suppressed(anonymous.unwrap_or(profile)));
     for key in member_keys {
         inv.key(key);
     }
@@ -304,7 +321,7 @@ pub(crate) fn fold<'s>(
     now: OffsetDateTime,
     config: &ProfileConfig,
 ) -> redis::ScriptInvocation<'s> {
-    let mut inv = prepare(script, member_keys, profile, now, config);
+    let mut inv = prepare(script, member_keys, profile, None, now, config);
     let user_id = profile.as_str().strip_prefix("u:").unwrap_or_default();
     inv.arg("")
         .arg(user_id)
