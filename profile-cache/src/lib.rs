@@ -49,9 +49,9 @@ pub mod testing;
 pub use identity::MergeOutcome;
 pub use lifecycle::LifecycleThresholds;
 pub use model::{
-    ApplyReport, CartLine, ConsentChange, ConsentMask, ConsentState, ConsentStatus, Context, Event,
-    EventKind, IdError, Item, Lifecycle, Profile, ProfileId, ProfileUpdate, Purpose,
-    SegmentMembership, Value, ViewedProduct,
+    ApplyReport, CartLine, ConsentChange, ConsentMask, ConsentRecord, ConsentState, ConsentStatus,
+    Context, Event, EventKind, IdError, Item, Lifecycle, Profile, ProfileId, ProfileUpdate,
+    Purpose, SegmentMembership, Value, ViewedProduct,
 };
 pub use reads::{
     Change, CursorError, GroupStart, MemberCursor, MemberPage, MembersRequest, RecordedSegment,

@@ -28,8 +28,8 @@ use crate::identity::{self, Applied, Link, MergeOutcome};
 use crate::keys::{self, ProfileKeys, SCHEMA_VERSION, SCHEMA_VERSION_KEY};
 use crate::lifecycle::{LifecycleThresholds, ThresholdError};
 use crate::model::{
-    ApplyReport, CartLine, ConsentState, ConsentStatus, Profile, ProfileId, ProfileUpdate, Purpose,
-    SegmentMembership, ViewedProduct,
+    ApplyReport, CartLine, ConsentRecord, ConsentState, ConsentStatus, Profile, ProfileId,
+    ProfileUpdate, Purpose, SegmentMembership, ViewedProduct,
 };
 use crate::schedule::parse_profile_id;
 use crate::script::{self, ScriptSegments};
@@ -60,6 +60,9 @@ pub struct ProfileConfig {
     /// in: beyond it, a new anonymous id is neither linked nor merged, which protects
     /// against shared devices and "log in as" support tools. Default 100.
     pub max_anonymous_ids: u32,
+    /// The traits that need marketing consent: removed from a profile, and no longer
+    /// stored, while marketing is denied. Default `email`, `phone`.
+    pub marketing_traits: Vec<String>,
 }
 
 impl Default for ProfileConfig {
@@ -73,6 +76,7 @@ impl Default for ProfileConfig {
             redis_timeout: Duration::from_secs(2),
             lifecycle: LifecycleThresholds::default(),
             max_anonymous_ids: 100,
+            marketing_traits: vec!["email".into(), "phone".into()],
         }
     }
 }
@@ -260,7 +264,7 @@ impl RedisProfiles {
         if let Some(found) = found.filter(|v| v != SCHEMA_VERSION) {
             return Err(StoreError::Schema { found });
         }
-        let (script, member_keys) = load(&mut conn, ScriptSegments::new(&[])?).await?;
+        let (script, member_keys) = load(&mut conn, ScriptSegments::new(&[])?, &config).await?;
         Ok(Self {
             conn,
             config,
@@ -287,7 +291,7 @@ impl RedisProfiles {
             .collect::<Result<Vec<_>, serde_json::Error>>()?
             .into();
         (self.script, self.member_keys) =
-            load(&mut self.conn, ScriptSegments::new(segments)?).await?;
+            load(&mut self.conn, ScriptSegments::new(segments)?, &self.config).await?;
         Ok(self)
     }
 
@@ -499,8 +503,19 @@ impl RedisProfiles {
             let at = h
                 .time(&at_field)?
                 .ok_or_else(|| corrupt(&k.profile, &at_field, "is missing"))?;
-            consent.insert(p, ConsentState { status, at });
+            let source = h.map.get(&format!("{field}:source")).cloned();
+            consent.insert(p, ConsentState { status, at, source });
         }
+        let consent_log = match h.map.get("consent_log") {
+            None => Vec::new(),
+            Some(raw) => serde_json::from_str::<Vec<ConsentRecord>>(raw).map_err(|e| {
+                corrupt(
+                    &k.profile,
+                    "consent_log",
+                    &format!("not a list of consent answers: {e}"),
+                )
+            })?,
+        };
 
         let (mut anonymous_ids, mut user_ids) = (Vec::new(), Vec::new());
         for member in ids {
@@ -586,6 +601,7 @@ impl RedisProfiles {
             last_engaged_at: h.time("last_engaged_at")?,
             lifecycle: self.config.lifecycle.stage(first_seen, last_seen, now),
             consent,
+            consent_log,
             segments,
         }))
     }
@@ -622,8 +638,9 @@ impl RedisProfiles {
 async fn load(
     conn: &mut ConnectionManager,
     segments: ScriptSegments,
+    config: &ProfileConfig,
 ) -> Result<(Arc<redis::Script>, Arc<[String]>), StoreError> {
-    let script = redis::Script::new(&segments.source);
+    let script = redis::Script::new(&script::with_settings(&segments.source, config));
     script.load_async(conn).await?;
     Ok((Arc::new(script), segments.member_keys.into()))
 }
