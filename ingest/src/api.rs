@@ -24,7 +24,7 @@ use time::OffsetDateTime;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::services::ServeDir;
 use tower_http::trace::TraceLayer;
-use tracing::{error, info, instrument, warn};
+use tracing::{debug, error, info, instrument, warn};
 
 use crate::auth::{self, ApiToken, AuditLog, Scope};
 use crate::config::{Config, WriteKey};
@@ -150,13 +150,21 @@ async fn collect(
     state.limits.check_write_key(&key.key)?;
     let received_at = state.clock.now();
     let write_key = batch.write_key.clone();
-    let prepared = pipeline::prepare(batch, received_at).map_err(|e| ApiError::BadIdentity {
-        field: e.field,
-        problem: e.problem,
-        limit: e.limit,
-    })?;
+    let rules = pipeline::Rules::of(&state.config, &batch.write_key);
+    let prepared =
+        pipeline::prepare(batch, received_at, &rules).map_err(|e| ApiError::BadIdentity {
+            field: e.field,
+            problem: e.problem,
+            limit: e.limit,
+        })?;
     if prepared.consent_dropped > 0 {
         report_dropped_events("consent", prepared.consent_dropped);
+    }
+    if prepared.minimized > 0 {
+        debug!(
+            properties = prepared.minimized,
+            "left out by the source's filters"
+        );
     }
     let invalid = prepared.rejected.len() - prepared.consent_dropped;
     if invalid > 0 {

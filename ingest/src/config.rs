@@ -69,6 +69,10 @@ pub struct Config {
     pub scheduler: SchedulerConfig,
     /// The local spool that takes batches while Redis does not answer (off by default).
     pub spool: SpoolConfig,
+    /// Consent rules beyond each batch's consent mask.
+    pub consent: ConsentConfig,
+    /// Per write key: what is kept of its events (`[sources.<write key>]`).
+    pub sources: std::collections::BTreeMap<String, SourceConfig>,
 }
 
 impl Default for Config {
@@ -92,6 +96,8 @@ impl Default for Config {
             segments_file: None,
             scheduler: SchedulerConfig::default(),
             spool: SpoolConfig::default(),
+            consent: ConsentConfig::default(),
+            sources: std::collections::BTreeMap::new(),
         }
     }
 }
@@ -142,6 +148,47 @@ pub struct WriteKey {
     /// an `Origin` header (servers, curl) are not browser requests and are not checked.
     #[serde(default)]
     pub origins: Vec<String>,
+}
+
+/// Settings of one source (the events sent with one write key): `[sources.<write key>]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SourceConfig {
+    /// Which event properties are kept (data minimisation); default all.
+    pub properties: FieldFilter,
+    /// Which traits of `identify` events are kept; default all.
+    pub traits: FieldFilter,
+}
+
+/// Names kept from a source: only those in `allow` when it is set, and never those in
+/// `deny`. Names are compared exactly (case matters).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FieldFilter {
+    /// When set, the only names kept.
+    pub allow: Option<Vec<String>>,
+    /// Names never kept.
+    pub deny: Vec<String>,
+}
+
+impl FieldFilter {
+    /// Whether `name` is kept.
+    pub fn keeps(&self, name: &str) -> bool {
+        self.allow
+            .as_ref()
+            .is_none_or(|allow| allow.iter().any(|a| a == name))
+            && !self.deny.iter().any(|d| d == name)
+    }
+}
+
+/// Consent rules the collector adds to each batch's own consent mask.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConsentConfig {
+    /// Per event kind, a purpose its events need besides their declared purpose and the
+    /// kind's least purpose (the tracker's table): `{ track = "marketing" }` drops `track`
+    /// events of visitors who have not granted marketing. Default none.
+    pub purposes: std::collections::BTreeMap<profile_cache::EventKind, profile_cache::Purpose>,
 }
 
 /// The audit stream (`profile_cache::audit`).
@@ -350,6 +397,14 @@ impl Config {
             }
         }
         self.validate_tokens()?;
+        for key in self.sources.keys() {
+            if !self.write_keys.iter().any(|k| &k.key == key) {
+                return Err(invalid(
+                    format!("sources.{key}"),
+                    "names no configured write key ([[write_keys]] key)",
+                ));
+            }
+        }
         if self.audit.stream_max_len == 0 {
             return Err(invalid("audit.stream_max_len", "must be greater than zero"));
         }

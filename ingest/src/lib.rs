@@ -87,7 +87,12 @@ pub async fn serve(
             .await
             .with_context(|| format!("opening the spool in {}", config.spool.dir.display()))?;
         info!(dir = %spool.dir().display(), "spool open");
-        let replay = replay::run(replayer, store.clone(), stopping(stopping_rx.clone()));
+        let replay = replay::run(
+            replayer,
+            store.clone(),
+            Arc::new(config.clone()),
+            stopping(stopping_rx.clone()),
+        );
         Some((spool, tokio::spawn(replay)))
     } else {
         None

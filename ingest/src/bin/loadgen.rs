@@ -928,8 +928,12 @@ mod store {
             batches,
             vec![store; concurrency],
             |store, batch| async move {
-                let prepared = ingest::pipeline::prepare(batch, OffsetDateTime::now_utc())
-                    .map_err(|e| format!("{}: {}", e.field, e.problem))?;
+                let prepared = ingest::pipeline::prepare(
+                    batch,
+                    OffsetDateTime::now_utc(),
+                    &ingest::pipeline::Rules::default(),
+                )
+                .map_err(|e| format!("{}: {}", e.field, e.problem))?;
                 let report = store
                     .apply(&prepared.updates)
                     .await
