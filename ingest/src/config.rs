@@ -73,6 +73,8 @@ pub struct Config {
     pub consent: ConsentConfig,
     /// Per write key: what is kept of its events (`[sources.<write key>]`).
     pub sources: std::collections::BTreeMap<String, SourceConfig>,
+    /// Serve HTTPS with this certificate and key (`[tls]`); default plain HTTP.
+    pub tls: Option<crate::tls::TlsConfig>,
 }
 
 impl Default for Config {
@@ -98,6 +100,7 @@ impl Default for Config {
             spool: SpoolConfig::default(),
             consent: ConsentConfig::default(),
             sources: std::collections::BTreeMap::new(),
+            tls: None,
         }
     }
 }

@@ -60,4 +60,4 @@ pub use reads::{
 };
 pub use rebuild::{Changes, Rebuild, Step};
 pub use schedule::{Claim, Claimed, Outcome, Reason};
-pub use store::{ConfigError, ProfileConfig, RedisProfiles, StoreError};
+pub use store::{ConfigError, ProfileConfig, RedisProfiles, RedisTls, StoreError};
