@@ -262,12 +262,15 @@ end
 -- merged in unless it was already (merged, refused because another user took it, or over
 -- the limit: `merges` says which). The id joins this profile's ids only when the merge may
 -- happen; the caller runs the merge (identity.rs), and is told again by every update until
--- the merge has been recorded, so a crash in between delays it and loses nothing.
+-- the merge has been recorded as finished (`folded` means its last step is still to run),
+-- so a crash at any point delays it and loses nothing.
 local merge, take_anon = '', anonymous_id ~= ''
 if reason == 'event' and anonymous_id ~= '' and string.sub(profile_id, 1, 2) == 'u:' then
   local from = 'a:' .. anonymous_id
   local done = redis.call('HGET', MERGES, from)
-  if done then
+  if done == 'folded' then
+    merge = from
+  elseif done then
     take_anon = string.match(done, '^%d+$') ~= nil
   else
     merge = from
@@ -760,7 +763,8 @@ if folding then
     if kv[2] >= oldest_kept then redis.call('ZADD', DEDUPE, 'GT', int(kv[2]), kv[1]) end
   end
   for _, kv in ipairs(src.ids) do redis.call('SADD', IDS, kv[1]) end
-  redis.call('HSET', MERGES, source, int(now))
+  -- Its last step (merge.lua 'finish') still has to run: identity.rs records the time then.
+  redis.call('HSET', MERGES, source, 'folded')
 end
 
 for field, n in pairs(incr) do redis.call('HINCRBY', P, field, int(n)) end
