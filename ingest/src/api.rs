@@ -100,6 +100,7 @@ pub fn router(state: AppState) -> Router {
         .layer(cors);
     let mut app = Router::new()
         .merge(batches)
+        .merge(crate::segment::routes())
         .route("/v1/profiles/{id}", get(profile))
         .route("/v1/segments", get(segments))
         .route("/v1/segments/{name}/members", get(segment_members))
@@ -235,7 +236,11 @@ async fn spool_batch(
 }
 
 /// Reads at most `limit` bytes, answering 413 early when `Content-Length` says it is more.
-async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+pub(crate) async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<Bytes, ApiError> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -255,7 +260,7 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Byte
     })
 }
 
-fn write_key<'c>(keys: &'c [WriteKey], key: &str) -> Result<&'c WriteKey, ApiError> {
+pub(crate) fn write_key<'c>(keys: &'c [WriteKey], key: &str) -> Result<&'c WriteKey, ApiError> {
     // Compare every key in constant time so response timing does not reveal key prefixes.
     let mut found = None;
     for k in keys {
@@ -592,7 +597,7 @@ async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>
     Ok(Json(json!({ "status": "ready" })))
 }
 
-fn store_error(state: &AppState, err: StoreError) -> ApiError {
+pub(crate) fn store_error(state: &AppState, err: StoreError) -> ApiError {
     match err {
         StoreError::Unavailable(_) => {
             warn!(cause = %err, "redis unavailable");
@@ -608,6 +613,6 @@ fn store_error(state: &AppState, err: StoreError) -> ApiError {
 }
 
 /// Counts events the collector left out, by reason (`consent`, `invalid`).
-fn report_dropped_events(reason: &'static str, n: usize) {
+pub(crate) fn report_dropped_events(reason: &'static str, n: usize) {
     info!(reason, dropped = n, "events dropped");
 }

@@ -161,7 +161,31 @@ pub struct SourceConfig {
     pub properties: FieldFilter,
     /// Which traits of `identify` events are kept; default all.
     pub traits: FieldFilter,
+    /// Segment API: the purposes a message without `context.consent` is taken to have been
+    /// granted: the lawful basis the sending backend declares, e.g. `["necessary",
+    /// "analytics"]`. Unset means [`DEFAULT_SEGMENT_PURPOSES`] (only `necessary`: such
+    /// messages are dropped as lacking consent until the source declares a basis); demo
+    /// mode gives the demo key [`DEMO_SEGMENT_PURPOSES`].
+    pub default_purposes: Option<Vec<profile_cache::Purpose>>,
+    /// Segment API: consent category names of `context.consent.categoryPreferences` that
+    /// are not purpose names, mapped onto purposes (`"Advertising" = "marketing"`).
+    /// Names are compared case-insensitively; unmapped categories are ignored.
+    pub consent_categories: std::collections::BTreeMap<String, profile_cache::Purpose>,
 }
+
+/// The purposes of a Segment message without a consent context when its source sets no
+/// `default_purposes`: only `necessary`, which no tracked kind is allowed by. A backend
+/// must declare its lawful basis before its events are kept.
+pub const DEFAULT_SEGMENT_PURPOSES: [profile_cache::Purpose; 1] =
+    [profile_cache::Purpose::Necessary];
+
+/// The demo write key's `default_purposes`: the demo shop's backend sends what a shop
+/// needs to measure and personalise, never marketing without the visitor's consent.
+pub const DEMO_SEGMENT_PURPOSES: [profile_cache::Purpose; 3] = [
+    profile_cache::Purpose::Necessary,
+    profile_cache::Purpose::Analytics,
+    profile_cache::Purpose::Personalization,
+];
 
 /// Names kept from a source: only those in `allow` when it is set, and never those in
 /// `deny`. Names are compared exactly (case matters).
@@ -351,6 +375,10 @@ impl Config {
                     format!("http://localhost:{port}"),
                 ],
             });
+        }
+        let source = self.sources.entry(DEMO_WRITE_KEY.into()).or_default();
+        if source.default_purposes.is_none() {
+            source.default_purposes = Some(DEMO_SEGMENT_PURPOSES.to_vec());
         }
         let demo = TokenHash::of(DEMO_API_TOKEN);
         if !self.api_tokens.iter().any(|t| t.sha256 == demo) {

@@ -11,6 +11,8 @@
 //! - [`ratelimit`]: request rate limits per write key, client address and API token, and
 //!   how the client's address is found behind trusted proxies.
 //! - [`pipeline`]: a verified batch to profile updates (consent, enrichment, grouping).
+//! - [`segment`]: the Segment-compatible HTTP Tracking API (`/v1/track`, `/v1/batch`, ...),
+//!   whose messages become wire batches for the same pipeline.
 //! - [`store`]: the storage trait, for Redis and an in-memory test double.
 //! - [`scheduler`]: the task that re-evaluates profiles whose deadline has come.
 //! - [`rebuild`]: the task that rebuilds segment memberships after the definitions changed.
@@ -28,6 +30,7 @@ pub mod ratelimit;
 pub mod rebuild;
 pub mod replay;
 pub mod scheduler;
+pub mod segment;
 pub mod spool;
 pub mod store;
 pub mod tls;

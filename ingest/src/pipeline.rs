@@ -337,6 +337,7 @@ mod tests {
                     allow: Some(vec!["plan".into()]),
                     deny: vec![],
                 },
+                ..SourceConfig::default()
             },
         );
         config
