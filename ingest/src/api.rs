@@ -24,7 +24,7 @@ use time::OffsetDateTime;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tower_http::services::ServeDir;
 use tower_http::trace::TraceLayer;
-use tracing::{error, info, instrument, warn};
+use tracing::{debug, error, info, instrument, warn};
 
 use crate::auth::{self, ApiToken, AuditLog, Scope};
 use crate::config::{Config, WriteKey};
@@ -100,6 +100,7 @@ pub fn router(state: AppState) -> Router {
         .layer(cors);
     let mut app = Router::new()
         .merge(batches)
+        .merge(crate::segment::routes())
         .route("/v1/profiles/{id}", get(profile).delete(erase_profile))
         .route("/v1/profiles/{id}/export", get(export_profile))
         .route("/v1/segments", get(segments))
@@ -151,13 +152,21 @@ async fn collect(
     state.limits.check_write_key(&key.key)?;
     let received_at = state.clock.now();
     let write_key = batch.write_key.clone();
-    let prepared = pipeline::prepare(batch, received_at).map_err(|e| ApiError::BadIdentity {
-        field: e.field,
-        problem: e.problem,
-        limit: e.limit,
-    })?;
+    let rules = pipeline::Rules::of(&state.config, &batch.write_key);
+    let prepared =
+        pipeline::prepare(batch, received_at, &rules).map_err(|e| ApiError::BadIdentity {
+            field: e.field,
+            problem: e.problem,
+            limit: e.limit,
+        })?;
     if prepared.consent_dropped > 0 {
         report_dropped_events("consent", prepared.consent_dropped);
+    }
+    if prepared.minimized > 0 {
+        debug!(
+            properties = prepared.minimized,
+            "left out by the source's filters"
+        );
     }
     let invalid = prepared.rejected.len() - prepared.consent_dropped;
     if invalid > 0 {
@@ -245,7 +254,11 @@ async fn spool_batch(
 }
 
 /// Reads at most `limit` bytes, answering 413 early when `Content-Length` says it is more.
-async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+pub(crate) async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<Bytes, ApiError> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -265,7 +278,7 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Byte
     })
 }
 
-fn write_key<'c>(keys: &'c [WriteKey], key: &str) -> Result<&'c WriteKey, ApiError> {
+pub(crate) fn write_key<'c>(keys: &'c [WriteKey], key: &str) -> Result<&'c WriteKey, ApiError> {
     // Compare every key in constant time so response timing does not reveal key prefixes.
     let mut found = None;
     for k in keys {
@@ -651,7 +664,7 @@ async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>
     Ok(Json(json!({ "status": "ready" })))
 }
 
-fn store_error(state: &AppState, err: StoreError) -> ApiError {
+pub(crate) fn store_error(state: &AppState, err: StoreError) -> ApiError {
     match err {
         StoreError::Unavailable(_) => {
             warn!(cause = %err, "redis unavailable");
@@ -667,6 +680,6 @@ fn store_error(state: &AppState, err: StoreError) -> ApiError {
 }
 
 /// Counts events the collector left out, by reason (`consent`, `invalid`, `suppressed`).
-fn report_dropped_events(reason: &'static str, n: usize) {
+pub(crate) fn report_dropped_events(reason: &'static str, n: usize) {
     info!(reason, dropped = n, "events dropped");
 }

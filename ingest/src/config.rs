@@ -69,6 +69,12 @@ pub struct Config {
     pub scheduler: SchedulerConfig,
     /// The local spool that takes batches while Redis does not answer (off by default).
     pub spool: SpoolConfig,
+    /// Consent rules beyond each batch's consent mask.
+    pub consent: ConsentConfig,
+    /// Per write key: what is kept of its events (`[sources.<write key>]`).
+    pub sources: std::collections::BTreeMap<String, SourceConfig>,
+    /// Serve HTTPS with this certificate and key (`[tls]`); default plain HTTP.
+    pub tls: Option<crate::tls::TlsConfig>,
 }
 
 impl Default for Config {
@@ -92,6 +98,9 @@ impl Default for Config {
             segments_file: None,
             scheduler: SchedulerConfig::default(),
             spool: SpoolConfig::default(),
+            consent: ConsentConfig::default(),
+            sources: std::collections::BTreeMap::new(),
+            tls: None,
         }
     }
 }
@@ -142,6 +151,71 @@ pub struct WriteKey {
     /// an `Origin` header (servers, curl) are not browser requests and are not checked.
     #[serde(default)]
     pub origins: Vec<String>,
+}
+
+/// Settings of one source (the events sent with one write key): `[sources.<write key>]`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SourceConfig {
+    /// Which event properties are kept (data minimisation); default all.
+    pub properties: FieldFilter,
+    /// Which traits of `identify` events are kept; default all.
+    pub traits: FieldFilter,
+    /// Segment API: the purposes a message without `context.consent` is taken to have been
+    /// granted: the lawful basis the sending backend declares, e.g. `["necessary",
+    /// "analytics"]`. Unset means [`DEFAULT_SEGMENT_PURPOSES`] (only `necessary`: such
+    /// messages are dropped as lacking consent until the source declares a basis); demo
+    /// mode gives the demo key [`DEMO_SEGMENT_PURPOSES`].
+    pub default_purposes: Option<Vec<profile_cache::Purpose>>,
+    /// Segment API: consent category names of `context.consent.categoryPreferences` that
+    /// are not purpose names, mapped onto purposes (`"Advertising" = "marketing"`).
+    /// Names are compared case-insensitively; unmapped categories are ignored.
+    pub consent_categories: std::collections::BTreeMap<String, profile_cache::Purpose>,
+}
+
+/// The purposes of a Segment message without a consent context when its source sets no
+/// `default_purposes`: only `necessary`, which no tracked kind is allowed by. A backend
+/// must declare its lawful basis before its events are kept.
+pub const DEFAULT_SEGMENT_PURPOSES: [profile_cache::Purpose; 1] =
+    [profile_cache::Purpose::Necessary];
+
+/// The demo write key's `default_purposes`: the demo shop's backend sends what a shop
+/// needs to measure and personalise, never marketing without the visitor's consent.
+pub const DEMO_SEGMENT_PURPOSES: [profile_cache::Purpose; 3] = [
+    profile_cache::Purpose::Necessary,
+    profile_cache::Purpose::Analytics,
+    profile_cache::Purpose::Personalization,
+];
+
+/// Names kept from a source: only those in `allow` when it is set, and never those in
+/// `deny`. Names are compared exactly (case matters).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FieldFilter {
+    /// When set, the only names kept.
+    pub allow: Option<Vec<String>>,
+    /// Names never kept.
+    pub deny: Vec<String>,
+}
+
+impl FieldFilter {
+    /// Whether `name` is kept.
+    pub fn keeps(&self, name: &str) -> bool {
+        self.allow
+            .as_ref()
+            .is_none_or(|allow| allow.iter().any(|a| a == name))
+            && !self.deny.iter().any(|d| d == name)
+    }
+}
+
+/// Consent rules the collector adds to each batch's own consent mask.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConsentConfig {
+    /// Per event kind, a purpose its events need besides their declared purpose and the
+    /// kind's least purpose (the tracker's table): `{ track = "marketing" }` drops `track`
+    /// events of visitors who have not granted marketing. Default none.
+    pub purposes: std::collections::BTreeMap<profile_cache::EventKind, profile_cache::Purpose>,
 }
 
 /// The audit stream (`profile_cache::audit`).
@@ -302,6 +376,10 @@ impl Config {
                 ],
             });
         }
+        let source = self.sources.entry(DEMO_WRITE_KEY.into()).or_default();
+        if source.default_purposes.is_none() {
+            source.default_purposes = Some(DEMO_SEGMENT_PURPOSES.to_vec());
+        }
         let demo = TokenHash::of(DEMO_API_TOKEN);
         if !self.api_tokens.iter().any(|t| t.sha256 == demo) {
             self.api_tokens.push(ApiToken {
@@ -350,6 +428,14 @@ impl Config {
             }
         }
         self.validate_tokens()?;
+        for key in self.sources.keys() {
+            if !self.write_keys.iter().any(|k| &k.key == key) {
+                return Err(invalid(
+                    format!("sources.{key}"),
+                    "names no configured write key ([[write_keys]] key)",
+                ));
+            }
+        }
         if self.audit.stream_max_len == 0 {
             return Err(invalid("audit.stream_max_len", "must be greater than zero"));
         }

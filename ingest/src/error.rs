@@ -41,6 +41,24 @@ pub enum ApiError {
     /// The write key is not configured.
     #[error("unknown write key")]
     UnknownWriteKey,
+    /// A Segment API request without a write key.
+    #[error(
+        "no write key: send it as the user name of HTTP Basic auth, or as writeKey in the body"
+    )]
+    MissingWriteKey,
+    /// A Segment API body that is not JSON.
+    #[error("malformed JSON: {0}")]
+    MalformedJson(String),
+    /// A Segment API request or message that breaks a limit or the message shapes.
+    #[error("{field}: {problem}")]
+    BadMessage {
+        /// The field, e.g. `batch[3].properties.price` (`body` for the whole request).
+        field: String,
+        /// What is wrong, with the limit when one is broken.
+        problem: String,
+        /// The limit broken, when there is one.
+        limit: Option<usize>,
+    },
     /// A browser sent a batch from an origin the write key does not allow.
     #[error("origin {0:?} is not allowed for this write key")]
     OriginNotAllowed(String),
@@ -106,10 +124,13 @@ impl ApiError {
             ApiError::BadBody(_)
             | ApiError::MalformedBatch(_)
             | ApiError::BadIdentity { .. }
+            | ApiError::MalformedJson(_)
+            | ApiError::BadMessage { .. }
             | ApiError::BadParameter { .. } => StatusCode::BAD_REQUEST,
-            ApiError::UnknownWriteKey | ApiError::MissingToken | ApiError::InvalidToken => {
-                StatusCode::UNAUTHORIZED
-            }
+            ApiError::UnknownWriteKey
+            | ApiError::MissingWriteKey
+            | ApiError::MissingToken
+            | ApiError::InvalidToken => StatusCode::UNAUTHORIZED,
             ApiError::OriginNotAllowed(_) | ApiError::MissingScope { .. } => StatusCode::FORBIDDEN,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::NotFound | ApiError::UnknownSegment(_) => StatusCode::NOT_FOUND,
@@ -125,6 +146,9 @@ impl ApiError {
             ApiError::MalformedBatch(_) => "malformed_batch",
             ApiError::BadIdentity { .. } => "bad_identity",
             ApiError::UnknownWriteKey => "unknown_write_key",
+            ApiError::MissingWriteKey => "missing_write_key",
+            ApiError::MalformedJson(_) => "malformed_json",
+            ApiError::BadMessage { .. } => "bad_message",
             ApiError::OriginNotAllowed(_) => "origin_not_allowed",
             ApiError::MissingToken => "missing_token",
             ApiError::InvalidToken => "invalid_token",
@@ -155,6 +179,12 @@ impl IntoResponse for ApiError {
                     body["limit"] = json!(limit);
                 }
             }
+            ApiError::BadMessage { field, limit, .. } => {
+                body["field"] = json!(field);
+                if let Some(limit) = limit {
+                    body["limit"] = json!(limit);
+                }
+            }
             ApiError::BadParameter {
                 parameter, limit, ..
             } => {
@@ -180,6 +210,13 @@ impl IntoResponse for ApiError {
         match self {
             ApiError::Unavailable { retry_after } | ApiError::RateLimited { retry_after, .. } => {
                 headers.insert(header::RETRY_AFTER, retry_secs(retry_after).into());
+            }
+            // Segment's clients authenticate with Basic auth, the write key as user name.
+            ApiError::MissingWriteKey => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static(r#"Basic realm="write key""#),
+                );
             }
             // RFC 6750, section 3.
             ApiError::MissingToken => {

@@ -11,11 +11,14 @@
 //! - [`ratelimit`]: request rate limits per write key, client address and API token, and
 //!   how the client's address is found behind trusted proxies.
 //! - [`pipeline`]: a verified batch to profile updates (consent, enrichment, grouping).
+//! - [`segment`]: the Segment-compatible HTTP Tracking API (`/v1/track`, `/v1/batch`, ...),
+//!   whose messages become wire batches for the same pipeline.
 //! - [`store`]: the storage trait, for Redis and an in-memory test double.
 //! - [`scheduler`]: the task that re-evaluates profiles whose deadline has come.
 //! - [`rebuild`]: the task that rebuilds segment memberships after the definitions changed.
 //! - [`spool`]: the local spool batches go to while Redis does not answer, and
 //!   [`replay`]: the task that applies them when it answers again.
+//! - [`tls`]: serving HTTPS itself ([`tls::TlsListener`]).
 //! - [`error`]: the one API error type and its JSON shape.
 
 pub mod api;
@@ -27,14 +30,17 @@ pub mod ratelimit;
 pub mod rebuild;
 pub mod replay;
 pub mod scheduler;
+pub mod segment;
 pub mod spool;
 pub mod store;
+pub mod tls;
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context as _;
+use axum::serve::ListenerExt as _;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -60,6 +66,11 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let segments = config.segments().context("configuration")?;
+    // Certificate problems stop the collector now, not at the first client.
+    let tls = match &config.tls {
+        Some(t) => Some((tls::acceptor(t)?, t.handshake_timeout)),
+        None => None,
+    };
     let store = profile_cache::RedisProfiles::connect(&config.redis_url, config.profiles.clone())
         .await
         .with_context(|| format!("connecting to redis at {}", redact(&config.redis_url)))?
@@ -87,7 +98,12 @@ pub async fn serve(
             .await
             .with_context(|| format!("opening the spool in {}", config.spool.dir.display()))?;
         info!(dir = %spool.dir().display(), "spool open");
-        let replay = replay::run(replayer, store.clone(), stopping(stopping_rx.clone()));
+        let replay = replay::run(
+            replayer,
+            store.clone(),
+            Arc::new(config.clone()),
+            stopping(stopping_rx.clone()),
+        );
         Some((spool, tokio::spawn(replay)))
     } else {
         None
@@ -105,14 +121,26 @@ pub async fn serve(
         segments: segments.into(),
         spool: spool.as_ref().map(|(spool, _)| spool.clone()),
     };
-    info!(addr = %listener.local_addr()?, "collector listening");
+    info!(addr = %listener.local_addr()?, https = tls.is_some(), "collector listening");
     // The peer's address reaches handlers as `ConnectInfo`: the per-client rate limit needs it.
     let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+    let shutdown = async move {
         shutdown.await;
         let _ = stopping_tx.send(true);
-    });
-    let server = tokio::spawn(async move { server.await });
+    };
+    let server = match tls {
+        Some((acceptor, handshake_timeout)) => {
+            // `tap_io` gives a custom listener the `ConnectInfo<SocketAddr>` of plain TCP.
+            let listener =
+                tls::TlsListener::new(listener, acceptor, handshake_timeout)?.tap_io(|_| {});
+            let server = axum::serve(listener, app).with_graceful_shutdown(shutdown);
+            tokio::spawn(async move { server.await })
+        }
+        None => {
+            let server = axum::serve(listener, app).with_graceful_shutdown(shutdown);
+            tokio::spawn(async move { server.await })
+        }
+    };
     // Once shutdown starts, in-flight requests (and the scheduler's round) get `timeout` to
     // finish.
     let stopped = async move {

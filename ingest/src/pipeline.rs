@@ -1,6 +1,8 @@
 //! From a verified wire batch to profile updates: consent filter, enrichment (received-at,
 //! clock-skew correction) and grouping by profile. Pure functions, no I/O.
 
+use std::collections::BTreeMap;
+
 use profile_cache::model::{MAX_ID_BYTES, check_id, check_person_id};
 use profile_cache::{
     ConsentChange, ConsentMask, Context, Event, EventKind, IdError, Item, ProfileId, ProfileUpdate,
@@ -8,6 +10,8 @@ use profile_cache::{
 };
 use serde::Serialize;
 use time::{Duration, OffsetDateTime};
+
+use crate::config::{Config, FieldFilter, SourceConfig};
 
 /// An event the collector did not accept, and why.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -30,6 +34,37 @@ pub struct Prepared {
     pub rejected: Vec<Rejected>,
     /// How many of `rejected` lacked consent.
     pub consent_dropped: usize,
+    /// Properties and traits left out by the source's filters (data minimisation).
+    pub minimized: usize,
+}
+
+/// What the configuration adds for one batch: purposes per event kind, and the filters of
+/// the batch's source. The default adds nothing.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Rules<'a> {
+    /// `consent.purposes`.
+    pub purposes: Option<&'a BTreeMap<EventKind, Purpose>>,
+    /// `sources.<write key>`.
+    pub source: Option<&'a SourceConfig>,
+}
+
+impl<'a> Rules<'a> {
+    /// The rules of `config` for batches sent with `write_key`.
+    pub fn of(config: &'a Config, write_key: &str) -> Rules<'a> {
+        Rules {
+            purposes: Some(&config.consent.purposes).filter(|p| !p.is_empty()),
+            source: config.sources.get(write_key),
+        }
+    }
+
+    fn filter(&self, kind: EventKind) -> Option<&'a FieldFilter> {
+        let source = self.source?;
+        Some(if kind == EventKind::Identify {
+            &source.traits
+        } else {
+            &source.properties
+        })
+    }
 }
 
 /// Why a batch as a whole cannot be used.
@@ -49,9 +84,17 @@ pub struct IdentityError {
 /// `timestamp = received_at - (sent_at - client_timestamp)`, and never later than
 /// `received_at`. An event without a client timestamp gets `received_at`.
 ///
+/// Besides each event's declared purpose and its kind's least purpose, an event needs the
+/// purpose `rules` name for its kind; properties (traits, for `identify`) the source's
+/// filters do not keep are left out.
+///
 /// # Errors
 /// The batch has neither a valid anonymous id nor a valid user id.
-pub fn prepare(batch: wire::Batch, received_at: OffsetDateTime) -> Result<Prepared, IdentityError> {
+pub fn prepare(
+    batch: wire::Batch,
+    received_at: OffsetDateTime,
+    rules: &Rules<'_>,
+) -> Result<Prepared, IdentityError> {
     let ctx = batch.context;
     let anonymous_id = valid_id("context.anonymous_id", ctx.anonymous_id)?;
     let user_id = valid_id("context.user_id", ctx.user_id)?;
@@ -85,7 +128,9 @@ pub fn prepare(batch: wire::Batch, received_at: OffsetDateTime) -> Result<Prepar
         let least = purpose(e.kind.least_purpose());
         let kind = kind(e.kind);
         let purpose = purpose(e.purpose);
-        if let Some(missing) = [purpose, least].into_iter().find(|p| !mask.allows(*p)) {
+        let configured = rules.purposes.and_then(|p| p.get(&kind)).copied();
+        let needed = [purpose, least].into_iter().chain(configured);
+        if let Some(missing) = needed.into_iter().find(|p| !mask.allows(*p)) {
             prepared.consent_dropped += 1;
             prepared
                 .rejected
@@ -127,11 +172,18 @@ pub fn prepare(batch: wire::Batch, received_at: OffsetDateTime) -> Result<Prepar
             name: e.name,
             timestamp: corrected(e.timestamp_ms, batch.sent_at_ms, received_at),
             received_at,
-            properties: e
-                .properties
-                .into_iter()
-                .map(|p| (p.key, value(p.value)))
-                .collect(),
+            properties: {
+                let filter = rules.filter(kind);
+                let before = e.properties.len();
+                let kept: Vec<_> = e
+                    .properties
+                    .into_iter()
+                    .filter(|p| filter.is_none_or(|f| f.keeps(&p.key)))
+                    .map(|p| (p.key, value(p.value)))
+                    .collect();
+                prepared.minimized += before - kept.len();
+                kept
+            },
             items: e
                 .items
                 .into_iter()
@@ -233,5 +285,146 @@ fn value(v: wire::Value) -> Value {
         wire::Value::Int(i) => Value::Int(i),
         wire::Value::Float(f) => Value::Float(f),
         wire::Value::Bool(b) => Value::Bool(b),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ConsentConfig, FieldFilter, WriteKey};
+
+    const AT: OffsetDateTime = time::macros::datetime!(2026-11-29 12:00 UTC);
+
+    fn event(n: u8, kind: wire::EventKind, props: &[(&str, &str)]) -> wire::Event {
+        wire::Event {
+            message_id: [n; 16],
+            kind,
+            purpose: wire::Purpose::Analytics,
+            properties: props
+                .iter()
+                .map(|(k, v)| wire::Property {
+                    key: (*k).into(),
+                    value: wire::Value::String((*v).into()),
+                })
+                .collect(),
+            ..wire::Event::default()
+        }
+    }
+
+    fn batch(consent: u8, events: Vec<wire::Event>) -> wire::Batch {
+        wire::Batch {
+            write_key: "web".into(),
+            consent,
+            context: wire::Context {
+                anonymous_id: Some("v1".into()),
+                ..wire::Context::default()
+            },
+            events,
+            ..wire::Batch::default()
+        }
+    }
+
+    fn config() -> Config {
+        let mut config = Config {
+            write_keys: vec![WriteKey {
+                key: "web".into(),
+                origins: vec![],
+            }],
+            consent: ConsentConfig {
+                purposes: [(EventKind::Track, Purpose::Marketing)].into(),
+            },
+            ..Config::default()
+        };
+        config.sources.insert(
+            "web".into(),
+            SourceConfig {
+                properties: FieldFilter {
+                    allow: None,
+                    deny: vec!["email".into()],
+                },
+                traits: FieldFilter {
+                    allow: Some(vec!["plan".into()]),
+                    deny: vec![],
+                },
+                ..SourceConfig::default()
+            },
+        );
+        config
+    }
+
+    #[test]
+    fn a_kind_needs_the_purpose_the_configuration_names_for_it() {
+        let config = config();
+        let events = vec![
+            event(1, wire::EventKind::Track, &[]),
+            event(2, wire::EventKind::Page, &[]),
+        ];
+        // Analytics granted, marketing not.
+        let p = prepare(
+            batch(0b0011, events.clone()),
+            AT,
+            &Rules::of(&config, "web"),
+        )
+        .unwrap();
+        assert_eq!(
+            p.rejected,
+            [Rejected {
+                index: 0,
+                reason: "consent: marketing not granted".into()
+            }]
+        );
+        assert_eq!(p.consent_dropped, 1);
+        assert_eq!(p.updates[0].events.len(), 1);
+        // Without the rules both go through; with marketing granted too, both as well.
+        let p = prepare(batch(0b0011, events.clone()), AT, &Rules::default()).unwrap();
+        assert_eq!(p.updates[0].events.len(), 2);
+        let p = prepare(batch(0b1011, events), AT, &Rules::of(&config, "web")).unwrap();
+        assert_eq!(p.updates[0].events.len(), 2);
+    }
+
+    #[test]
+    fn a_source_keeps_only_the_properties_and_traits_its_filters_allow() {
+        let config = config();
+        let events = vec![
+            event(
+                1,
+                wire::EventKind::Page,
+                &[("email", "a@b.c"), ("path", "/")],
+            ),
+            event(
+                2,
+                wire::EventKind::Identify,
+                &[("plan", "pro"), ("email", "a@b.c"), ("age", "40")],
+            ),
+        ];
+        let mut b = batch(0b0011, events);
+        b.context.user_id = Some("ada".into());
+        b.events[1].user_id = Some("ada".into());
+        let p = prepare(b, AT, &Rules::of(&config, "web")).unwrap();
+        let keys = |i: usize| -> Vec<&str> {
+            p.updates[0].events[i]
+                .properties
+                .iter()
+                .map(|(k, _)| k.as_str())
+                .collect()
+        };
+        assert_eq!(keys(0), ["path"]);
+        assert_eq!(keys(1), ["plan"]);
+        assert_eq!(p.minimized, 3);
+        // Another write key has no filters.
+        assert!(Rules::of(&config, "other").source.is_none());
+    }
+
+    #[test]
+    fn a_filter_allows_what_is_listed_and_never_what_is_denied() {
+        let f = FieldFilter {
+            allow: Some(vec!["a".into(), "b".into()]),
+            deny: vec!["b".into()],
+        };
+        assert!(f.keeps("a"));
+        assert!(!f.keeps("b"));
+        assert!(!f.keeps("c"));
+        assert!(!f.keeps("A"));
+        assert!(FieldFilter::default().keeps("anything"));
     }
 }

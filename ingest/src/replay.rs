@@ -14,6 +14,7 @@ use std::time::Duration;
 use profile_cache::StoreError;
 use tracing::{error, info, warn};
 
+use crate::config::Config;
 use crate::pipeline;
 use crate::spool::{Position, Record, Replayer};
 use crate::store::ProfileStore;
@@ -26,11 +27,13 @@ pub const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 /// The longest wait between tries while the store does not answer.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
-/// Replays the spool into `store` until `stop` completes. Returns without acknowledging the
-/// record in hand when stopped: it is replayed after the restart.
+/// Replays the spool into `store` until `stop` completes, with the consent and source
+/// rules of `config` as they are now. Returns without acknowledging the record in hand when
+/// stopped: it is replayed after the restart.
 pub async fn run(
     mut replayer: Replayer,
     store: Arc<dyn ProfileStore>,
+    config: Arc<Config>,
     stop: impl Future<Output = ()>,
 ) {
     tokio::pin!(stop);
@@ -71,7 +74,7 @@ pub async fn run(
                 }
             }
         };
-        if !apply(&record, store.as_ref(), &mut stop).await {
+        if !apply(&record, store.as_ref(), &config, &mut stop).await {
             // Stopped while the store did not answer: what was applied before is
             // acknowledged; this record is replayed after the restart.
             if let Some(end) = unacked {
@@ -98,11 +101,15 @@ pub async fn run(
 async fn apply(
     record: &Record,
     store: &dyn ProfileStore,
+    config: &Config,
     stop: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
 ) -> bool {
     let batch = &record.batch;
     let prepared = match wire::decode(&batch.body, &batch.limits) {
-        Ok(decoded) => pipeline::prepare(decoded, batch.received_at),
+        Ok(decoded) => {
+            let rules = pipeline::Rules::of(config, &decoded.write_key);
+            pipeline::prepare(decoded, batch.received_at, &rules)
+        }
         Err(err) => {
             error!(at = %record.start, cause = %err, "spool: a record does not decode; skipped");
             return true;

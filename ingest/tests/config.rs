@@ -471,3 +471,45 @@ stream_max_len = 5000
     let err = Config::load(Some(f.path()), &[]).unwrap_err().to_string();
     assert_eq!(err, "audit.stream_max_len: must be greater than zero");
 }
+
+#[test]
+fn sources_and_consent_purposes_are_read_and_checked() {
+    let f = file(
+        r#"
+[[write_keys]]
+key = "shop"
+[consent]
+purposes = { track = "marketing", product_viewed = "personalization" }
+[sources.shop]
+properties = { deny = ["email", "phone"] }
+traits = { allow = ["plan", "first_name"] }
+"#,
+    );
+    let config = Config::load(Some(f.path()), &[]).unwrap();
+    use profile_cache::{EventKind, Purpose};
+    assert_eq!(
+        config.consent.purposes,
+        [
+            (EventKind::Track, Purpose::Marketing),
+            (EventKind::ProductViewed, Purpose::Personalization)
+        ]
+        .into()
+    );
+    let shop = &config.sources["shop"];
+    assert!(!shop.properties.keeps("email") && shop.properties.keeps("path"));
+    assert!(shop.traits.keeps("plan") && !shop.traits.keeps("email"));
+
+    let f =
+        file("[[write_keys]]\nkey = \"shop\"\n[sources.blog]\ntraits = { deny = [\"email\"] }\n");
+    let err = Config::load(Some(f.path()), &[]).unwrap_err().to_string();
+    assert!(
+        err.contains("sources.blog") && err.contains("names no configured write key"),
+        "{err}"
+    );
+    let f = file("[consent]\npurposes = { track = \"ads\" }\n");
+    let err = Config::load(Some(f.path()), &[]).unwrap_err().to_string();
+    assert!(
+        err.starts_with("unknown variant: found `ads`, expected `one of `necessary`, `analytics`, `personalization`, `marketing`` for key \"default.consent.purposes.track\""),
+        "{err}"
+    );
+}

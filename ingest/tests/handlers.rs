@@ -768,9 +768,15 @@ async fn batches_spooled_while_the_store_is_down_are_replayed_in_order() {
     assert!(store.applied().is_empty());
 
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let replay = tokio::spawn(ingest::replay::run(replayer, store.clone(), async {
-        let _ = stopped.await;
-    }));
+    let config = Arc::new(Config::default());
+    let replay = tokio::spawn(ingest::replay::run(
+        replayer,
+        store.clone(),
+        config,
+        async {
+            let _ = stopped.await;
+        },
+    ));
     for _ in 0..100 {
         if spool.is_drained() {
             break;
@@ -855,6 +861,7 @@ fn visitor_profile() -> profile_cache::Profile {
         last_engaged_at: None,
         lifecycle: profile_cache::Lifecycle::New,
         consent: Default::default(),
+        consent_log: vec![],
         segments: vec![],
     }
 }

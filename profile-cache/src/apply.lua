@@ -37,7 +37,8 @@
 -- Erased people (privacy.rs): while key 16 exists, the profile's person was erased and
 -- nothing is written for it again: an update returns {0, 0, ''} (no event applied, none a
 -- duplicate: the caller tells from the shortfall that it was suppressed), an evaluation
--- removes the profile from the schedule and returns {'gone', 0}, and a merge into it fails.
+-- removes the profile from the schedule and returns {'gone', 0}, and a merge into it returns
+-- {'erased', 0}.
 -- While key 17 exists, the update's anonymous id was erased: a user profile's update is
 -- applied but does not take that id in (no link, no merge), so the erased anonymous
 -- profile is not recreated. Key 16 is in the profile's slot; key 17 is in the anonymous
@@ -70,6 +71,11 @@ local profile_id, anonymous_id, user_id, session_id = ARGV[8], ARGV[9], ARGV[10]
 local claim = ARGV[12]
 local max_anonymous_ids = tonumber(ARGV[14])
 local plan = nil
+-- The traits that need marketing consent (`profiles.marketing_traits`): script.rs writes them
+-- into this line as a set.
+local MARKETING_TRAITS = {}
+-- The most entries the profile's consent history keeps (`consent_log`), oldest dropped.
+local CONSENT_LOG_MAX = 50
 local FIRST_EVENT = 15
 -- Why the memberships change: the events of an update; for an evaluation, time alone
 -- ('deadline') or new segment definitions ('redefined'); or a merge ('merged').
@@ -158,7 +164,7 @@ if evaluation then
 end
 if erased then
   if folding then
-    return redis.error_reply('ERR apply.lua: the profile was erased; nothing is merged into it')
+    return { 'erased', 0 }
   end
   return { 0, 0, '' }
 end
@@ -171,6 +177,7 @@ for _, purpose in ipairs(PURPOSES) do numeric[#numeric + 1] = 'consent:' .. purp
 local fields = { unpack(numeric) }
 fields[#fields + 1] = 'last_session_id'
 for _, purpose in ipairs(PURPOSES) do fields[#fields + 1] = 'consent:' .. purpose end
+fields[#fields + 1] = 'consent_log'
 local stored = redis.call('HMGET', P, unpack(fields))
 local cur = {}
 for i, field in ipairs(numeric) do
@@ -185,6 +192,22 @@ end
 local last_session_id = stored[#numeric + 1]
 local answered = {} -- purpose -> stored status (false: none)
 for i, purpose in ipairs(PURPOSES) do answered[purpose] = stored[#numeric + 1 + i] end
+-- The consent history: a JSON array of {purpose, status, at, source?}, oldest first.
+local function consent_log(raw, key)
+  if not raw then return {} end
+  local ok, log = pcall(cjson.decode, raw)
+  if not ok or type(log) ~= 'table' then
+    return nil, corrupt(key, 'consent_log', 'is not a JSON array of consent answers')
+  end
+  for _, entry in ipairs(log) do
+    if type(entry) ~= 'table' or type(entry.at) ~= 'number' then
+      return nil, corrupt(key, 'consent_log', 'is not a JSON array of consent answers')
+    end
+  end
+  return log
+end
+local log_before, log_err = consent_log(stored[#numeric + 2 + #PURPOSES], P)
+if log_err then return log_err end
 
 local events, names, seen_names, cart_products = {}, {}, {}, {}
 local function read_count(n)
@@ -257,12 +280,15 @@ end
 -- merged in unless it was already (merged, refused because another user took it, or over
 -- the limit: `merges` says which). The id joins this profile's ids only when the merge may
 -- happen; the caller runs the merge (identity.rs), and is told again by every update until
--- the merge has been recorded, so a crash in between delays it and loses nothing.
+-- the merge has been recorded as finished (`folded` means its last step is still to run),
+-- so a crash at any point delays it and loses nothing.
 local merge, take_anon = '', anonymous_id ~= '' and redis.call('EXISTS', ANON_SUPPRESSED) == 0
 if reason == 'event' and take_anon and string.sub(profile_id, 1, 2) == 'u:' then
   local from = 'a:' .. anonymous_id
   local done = redis.call('HGET', MERGES, from)
-  if done then
+  if done == 'folded' then
+    merge = from
+  elseif done then
     take_anon = string.match(done, '^%d+$') ~= nil
   else
     merge = from
@@ -375,6 +401,7 @@ local first_seen, last_seen = cur.first_seen, cur.last_seen
 local incr, latest = {}, {}           -- profile hash: counters; times that keep the latest
 local counts, cat_viewed, cat_bought, viewed, traits = {}, {}, {}, {}, {}
 local consent, currency = {}, nil
+local consent_source, log_added = {}, {}
 local cart_cleared, cart_changed = false, {}
 
 local function add(t, k, n) t[k] = (t[k] or 0) + n end
@@ -385,11 +412,16 @@ end
 local function touch(field, ts)
   if newer(field, ts) then latest[field] = ts end
 end
-local function answer(purpose, status, ts)
+-- A consent answer: kept when it is the latest for its purpose, logged either way.
+local function answer(purpose, status, ts, source, logged)
   local field = 'consent:' .. purpose .. ':at'
   if newer(field, ts) then
     latest[field] = ts
     consent[purpose] = status
+    consent_source[purpose] = source or false
+  end
+  if logged then
+    log_added[#log_added + 1] = { purpose = purpose, status = status, at = ts, source = source }
   end
 end
 -- An event counts once in its name's window and once in each distinct category of its items.
@@ -470,8 +502,8 @@ for _, e in ipairs(events) do
       add(incr, 'email_clicks', 1)
       touch('last_engaged_at', ts)
     elseif kind == 'consent_change' then
-      for _, purpose in ipairs(e.granted or {}) do answer(purpose, 'granted', ts) end
-      for _, purpose in ipairs(e.denied or {}) do answer(purpose, 'denied', ts) end
+      for _, purpose in ipairs(e.granted or {}) do answer(purpose, 'granted', ts, e.source, true) end
+      for _, purpose in ipairs(e.denied or {}) do answer(purpose, 'denied', ts, e.source, true) end
     end
     if plan then count_in_windows(e) end
   end
@@ -500,7 +532,9 @@ if folding then
   end
   for _, purpose in ipairs(PURPOSES) do
     local status, at = f['consent:' .. purpose], f['consent:' .. purpose .. ':at']
-    if (status == 'granted' or status == 'denied') and at then answer(purpose, status, at) end
+    if (status == 'granted' or status == 'denied') and at then
+      answer(purpose, status, at, f['consent:' .. purpose .. ':source'], false)
+    end
   end
   if not last_session_id and f.last_session_id then adopted_session = f.last_session_id end
   for _, kv in ipairs(src.counts) do add(counts, kv[1], kv[2]) end
@@ -538,6 +572,26 @@ if folding then
     end
   end
   first_seen, last_seen = first_seen or now, last_seen or now
+  local log, err = consent_log(f.consent_log, 'profile:{' .. source .. '}')
+  if err then return err end
+  for _, entry in ipairs(log) do log_added[#log_added + 1] = entry end
+end
+
+-- Consent withdrawn: what needs the purpose goes, now and while it stays denied. Without
+-- personalization, the profile keeps no recently viewed products and no category
+-- affinities; without marketing, no contact traits (`MARKETING_TRAITS`). The segments that
+-- need the purpose (`consent_granted`) are left below, in this same call.
+local function denied(purpose) return (consent[purpose] or answered[purpose]) == 'denied' end
+local withdrawn = {}
+for _, purpose in ipairs({ 'personalization', 'marketing' }) do
+  if denied(purpose) then withdrawn[purpose] = answered[purpose] ~= 'denied' and 'now' or 'before' end
+end
+if withdrawn.personalization then viewed, cat_viewed, cat_bought = {}, {}, {} end
+if withdrawn.marketing then
+  for t in pairs(MARKETING_TRAITS) do
+    traits[t] = nil
+    trait_now[t] = nil
+  end
 end
 
 if reason == 'event' and applied == 0 then
@@ -567,6 +621,7 @@ if plan then
   end
   local function trait(t)
     if traits[t] then return traits[t] end
+    if withdrawn.marketing and MARKETING_TRAITS[t] then return nil end
     return trait_now[t]
   end
   local lines_after = cart_cleared and 0 or cart_len
@@ -726,7 +781,8 @@ if folding then
     if kv[2] >= oldest_kept then redis.call('ZADD', DEDUPE, 'GT', int(kv[2]), kv[1]) end
   end
   for _, kv in ipairs(src.ids) do redis.call('SADD', IDS, kv[1]) end
-  redis.call('HSET', MERGES, source, int(now))
+  -- Its last step (merge.lua 'finish') still has to run: identity.rs records the time then.
+  redis.call('HSET', MERGES, source, 'folded')
 end
 
 for field, n in pairs(incr) do redis.call('HINCRBY', P, field, int(n)) end
@@ -734,6 +790,10 @@ for n, k in pairs(counts) do redis.call('HINCRBY', COUNTS, n, int(k)) end
 for category, n in pairs(cat_viewed) do redis.call('ZINCRBY', CAT_VIEWED, int(n), category) end
 for category, n in pairs(cat_bought) do redis.call('ZINCRBY', CAT_BOUGHT, int(n), category) end
 for t, text in pairs(traits) do redis.call('HSET', TRAITS, t, text) end
+if withdrawn.personalization == 'now' then redis.call('DEL', VIEWED, CAT_VIEWED, CAT_BOUGHT) end
+if withdrawn.marketing == 'now' then
+  for t in pairs(MARKETING_TRAITS) do redis.call('HDEL', TRAITS, t) end
+end
 
 local set = { 'id', profile_id, 'first_seen', int(first_seen), 'last_seen', int(last_seen),
   'lifecycle', (now - first_seen < new_for) and 'new' or 'active' }
@@ -742,7 +802,31 @@ local function put(field, value)
   set[#set + 1] = value
 end
 for field, ts in pairs(latest) do put(field, int(ts)) end
-for purpose, status in pairs(consent) do put('consent:' .. purpose, status) end
+for purpose, status in pairs(consent) do
+  put('consent:' .. purpose, status)
+  if consent_source[purpose] then
+    put('consent:' .. purpose .. ':source', consent_source[purpose])
+  else
+    redis.call('HDEL', P, 'consent:' .. purpose .. ':source')
+  end
+end
+if #log_added > 0 then
+  local log = log_before
+  for _, entry in ipairs(log_added) do log[#log + 1] = entry end
+  table.sort(log, function(a, b)
+    if a.at ~= b.at then return a.at < b.at end
+    if a.purpose ~= b.purpose then return tostring(a.purpose) < tostring(b.purpose) end
+    return tostring(a.status) < tostring(b.status)
+  end)
+  while #log > CONSENT_LOG_MAX do table.remove(log, 1) end
+  -- Written by hand so the fields keep their order and times print as integers.
+  local parts = {}
+  for i, e in ipairs(log) do
+    parts[i] = '{"purpose":' .. cjson.encode(e.purpose) .. ',"status":' .. cjson.encode(e.status)
+      .. ',"at":' .. int(e.at) .. (e.source and (',"source":' .. cjson.encode(e.source)) or '') .. '}'
+  end
+  put('consent_log', '[' .. table.concat(parts, ',') .. ']')
+end
 if currency then put('currency', currency) end
 if user_id ~= '' then put('user_id', user_id) end
 if new_session then

@@ -141,7 +141,9 @@ impl RedisProfiles {
             for key in anonymous.all() {
                 inv.key(key);
             }
-            inv.key(TRANSITION_STREAM).key(DEADLINES);
+            inv.key(TRANSITION_STREAM)
+                .key(DEADLINES)
+                .key(keys::suppressed(source));
             for name in segments {
                 inv.key(keys::segment_members(name));
             }
@@ -158,7 +160,13 @@ impl RedisProfiles {
         let sealed: Vec<Value> = call("seal", &[]).invoke_async(&mut conn).await?;
         let snapshot = match reply_tag(&sealed).as_deref() {
             Some("sealed") => text_at(&sealed, 1).unwrap_or_default(),
-            Some("done") => return Ok(MergeOutcome::Merged),
+            // Erased meanwhile: nothing to merge.
+            Some("erased") => return Ok(MergeOutcome::Refused),
+            Some("done") => {
+                // Finished before, maybe without its record (a crash right after).
+                self.record_finished(source, target, now).await?;
+                return Ok(MergeOutcome::Merged);
+            }
             Some("conflict") => {
                 // Taken by another user: this user profile does not take it in.
                 let k = ProfileKeys::new(target);
@@ -188,6 +196,8 @@ impl RedisProfiles {
         let folded: Vec<Value> = fold.invoke_async(&mut conn).await?;
         match reply_tag(&folded).as_deref() {
             Some("folded" | "already") => {}
+            // The user was erased meanwhile: the erasure takes the anonymous profile too.
+            Some("erased") => return Ok(MergeOutcome::Refused),
             _ => return Err(unexpected_merge(&folded)),
         }
 
@@ -198,9 +208,35 @@ impl RedisProfiles {
         })?;
         let finished: Vec<Value> = call("finish", &segments).invoke_async(&mut conn).await?;
         match reply_tag(&finished).as_deref() {
-            Some("finished" | "done") => Ok(MergeOutcome::Merged),
-            _ => Err(unexpected_merge(&finished)),
+            Some("finished" | "done") => {}
+            Some("erased") => return Ok(MergeOutcome::Refused),
+            _ => return Err(unexpected_merge(&finished)),
         }
+        self.record_finished(source, target, now).await?;
+        Ok(MergeOutcome::Merged)
+    }
+
+    /// Replaces `folded` in the user profile's `merges` hash with the time: the merge's last
+    /// step has run, so its updates stop asking for it. A merge recorded before keeps its
+    /// time.
+    async fn record_finished(
+        &self,
+        source: &ProfileId,
+        target: &ProfileId,
+        now: OffsetDateTime,
+    ) -> Result<(), StoreError> {
+        let script = redis::Script::new(
+            "if redis.call('HGET', KEYS[1], ARGV[1]) == 'folded' then \
+               redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end return 0",
+        );
+        let mut conn = self.conn.clone();
+        let _: i64 = script
+            .key(keys::merges(target))
+            .arg(source.as_str())
+            .arg(millis(now))
+            .invoke_async(&mut conn)
+            .await?;
+        Ok(())
     }
 }
 

@@ -106,8 +106,9 @@ pub fn segments(id: &ProfileId) -> String {
 }
 
 /// Hash: the anonymous profiles merged into this user profile, or refused: anonymous profile
-/// id (`a:<id>`) to when it was merged (Unix ms), `refused` (it had been merged into another
-/// user) or `limit` (this profile had as many anonymous ids as it may take).
+/// id (`a:<id>`) to when it was merged (Unix ms), `folded` (its data is here, its keys not yet
+/// deleted), `refused` (it had been merged into another user) or `limit` (this profile had as
+/// many anonymous ids as it may take).
 pub fn merges(id: &ProfileId) -> String {
     format!("profile:{{{id}}}:merges")
 }

@@ -53,9 +53,9 @@ pub mod testing;
 pub use identity::MergeOutcome;
 pub use lifecycle::LifecycleThresholds;
 pub use model::{
-    ApplyReport, CartLine, ConsentChange, ConsentMask, ConsentState, ConsentStatus, Context, Event,
-    EventKind, IdError, Item, Lifecycle, Profile, ProfileId, ProfileUpdate, Purpose,
-    SegmentMembership, Value, ViewedProduct,
+    ApplyReport, CartLine, ConsentChange, ConsentMask, ConsentRecord, ConsentState, ConsentStatus,
+    Context, Event, EventKind, IdError, Item, Lifecycle, Profile, ProfileId, ProfileUpdate,
+    Purpose, SegmentMembership, Value, ViewedProduct,
 };
 pub use privacy::{BatchReport, Erasure, ErasureStatus, Export};
 pub use reads::{
@@ -65,4 +65,4 @@ pub use reads::{
 };
 pub use rebuild::{Changes, Rebuild, Step};
 pub use schedule::{Claim, Claimed, Outcome, Reason};
-pub use store::{ConfigError, ProfileConfig, RedisProfiles, StoreError};
+pub use store::{ConfigError, ProfileConfig, RedisProfiles, RedisTls, StoreError};

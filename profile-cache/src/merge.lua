@@ -12,8 +12,9 @@
 --    `merged_into`, `merge_state` = 'done' and `merged_at`: the redirect.
 --
 -- KEYS: the anonymous profile's keys in apply.lua's order (1 profile .. 12 merges), 13 the
---       transition stream, 14 the deadline schedule, then (finish only) the member set of
---       each segment the profile is in, in the order of ARGV 5...
+--       transition stream, 14 the deadline schedule, 15 the anonymous profile's suppression
+--       key (privacy.rs), then (finish only) the member set of each segment the profile is
+--       in, in the order of ARGV 5...
 -- ARGV: 1 'seal' or 'finish', 2 the user profile's id, 3 now (Unix ms), 4 the transition
 --       stream's max length, then (finish) the names of the segments whose member sets
 --       follow in KEYS.
@@ -21,10 +22,12 @@
 -- segments: flat [field, value, ...]; viewed, cat_viewed, cat_bought, dedupe: flat [member,
 -- score, ...]; ids: [member]}, all strings), {'done'} when the merge into this user
 -- finished before, {'conflict', other} when the profile was merged into another user.
--- For 'finish': {'finished', exits} or {'done'}, or {'conflict', other}.
+-- For 'finish': {'finished', exits} or {'done'}, or {'conflict', other}. Either returns
+-- {'erased'} when the anonymous person was erased meanwhile (an erasure that ran between
+-- the steps): nothing is read, and no redirect is written back.
 
 local P, TRAITS, COUNTS, IDS, VIEWED, CAT_VIEWED, CAT_BOUGHT, CART, DEDUPE, WINDOWS, SEGMENTS,
-  MERGES, TRANSITIONS, DEADLINES = unpack(KEYS, 1, 14)
+  MERGES, TRANSITIONS, DEADLINES, SUPPRESSED = unpack(KEYS, 1, 15)
 local op, target, now, transitions_max = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 
 local function corrupt(key, detail)
@@ -43,6 +46,7 @@ for key, want in pairs(expected) do
   if t ~= 'none' and t ~= want then return corrupt(key, 'is a ' .. t .. ', expected a ' .. want) end
 end
 
+if redis.call('EXISTS', SUPPRESSED) == 1 then return { 'erased' } end
 local into = redis.call('HGET', P, 'merged_into')
 if into and into ~= target then return { 'conflict', into } end
 if into and redis.call('HGET', P, 'merge_state') == 'done' then return { 'done' } end
@@ -74,7 +78,7 @@ end
 local profile_id = string.match(P, '^profile:{(.*)}$')
 local exits = 0
 for i = 5, #ARGV do
-  local segment, members = ARGV[i], KEYS[14 + i - 4]
+  local segment, members = ARGV[i], KEYS[15 + i - 4]
   local t = redis.call('TYPE', members)['ok']
   if t == 'zset' and redis.call('ZREM', members, profile_id) == 1 then
     exits = exits + 1

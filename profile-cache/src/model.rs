@@ -459,10 +459,28 @@ pub struct ConsentState {
     /// When the answer was given.
     #[serde(with = "time::serde::rfc3339")]
     pub at: OffsetDateTime,
+    /// Where it came from (the consent event's `source`: `api`, `tcf`, `gcm`, ...), when
+    /// known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+}
+
+/// One consent answer in a profile's history (`consent_log`), as stored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConsentRecord {
+    /// The purpose answered.
+    pub purpose: Purpose,
+    /// `granted` or `denied`.
+    pub status: ConsentStatus,
+    /// When the answer was given (Unix ms).
+    pub at: i64,
+    /// Where it came from, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
 }
 
 /// An answer for one purpose.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ConsentStatus {
     /// The person said yes.
@@ -525,6 +543,8 @@ pub struct Profile {
     pub lifecycle: Lifecycle,
     /// Consent answers by purpose.
     pub consent: BTreeMap<Purpose, ConsentState>,
+    /// Every consent answer recorded, oldest first (at most the latest 50).
+    pub consent_log: Vec<ConsentRecord>,
     /// The segments the profile is in, by name, as of its last evaluation.
     pub segments: Vec<SegmentMembership>,
 }

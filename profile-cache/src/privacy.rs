@@ -544,7 +544,7 @@ impl RedisProfiles {
     }
 
     /// The anonymous profiles that are part of `target`: the `anon:` members of its `ids`,
-    /// the merged (timed) entries of its `merges`, and `via`; without those merged into
+    /// the merged (timed or `folded`) entries of its `merges`, and `via`; without those merged into
     /// another user profile (a merge refused a moment later). One round trip when there
     /// are any.
     async fn merged_in(
@@ -563,7 +563,7 @@ impl RedisProfiles {
             }
         }
         for (source, merged) in merges {
-            if merged.bytes().all(|b| b.is_ascii_digit())
+            if (merged == "folded" || merged.bytes().all(|b| b.is_ascii_digit()))
                 && let Some(p) = parse_profile_id(source)
             {
                 candidates.insert(p);

@@ -731,7 +731,7 @@ async fn manager(
     config: &ProfileConfig,
     wait: Duration,
 ) -> Result<ConnectionManager, StoreError> {
-    let client = redis::Client::open(url).map_err(StoreError::Redis)?;
+    let client = crate::store::client(url, config)?;
     let manager = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(config.redis_timeout))
         .set_response_timeout(Some(config.redis_timeout + wait))

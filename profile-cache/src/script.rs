@@ -375,6 +375,10 @@ struct ScriptEvent<'a> {
     granted: Vec<&'static str>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     denied: Vec<&'static str>,
+    /// Consent change: where the answer came from (its `source` property, e.g. `api`,
+    /// `tcf`, `gcm`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    source: Option<&'a str>,
     /// The stream entry, stored as is.
     event: String,
 }
@@ -478,8 +482,41 @@ fn script_event(
         currency: e.currency.as_deref().filter(|_| order),
         granted: purposes(consent.granted),
         denied: purposes(consent.denied),
+        source: consent_source(e),
         event: serde_json::to_string(&stream)?,
     })
+}
+
+/// The most bytes of a consent answer's source that are kept.
+const MAX_SOURCE_BYTES: usize = 64;
+
+/// A consent change's `source` property, when it is a short string.
+fn consent_source(e: &Event) -> Option<&str> {
+    if e.kind != EventKind::ConsentChange {
+        return None;
+    }
+    e.properties.iter().find_map(|(k, v)| match v {
+        Value::String(s) if k == "source" && !s.is_empty() && s.len() <= MAX_SOURCE_BYTES => {
+            Some(s.as_str())
+        }
+        _ => None,
+    })
+}
+
+/// The line of [`SOURCE`] that [`with_settings`] replaces.
+const MARKETING_LINE: &str = "local MARKETING_TRAITS = {}\n";
+
+/// The script text with the settings it is built with: the traits that need marketing
+/// consent.
+pub(crate) fn with_settings(source: &str, config: &ProfileConfig) -> String {
+    let mut line = String::from("local MARKETING_TRAITS = {");
+    for t in &config.marketing_traits {
+        line.push('[');
+        lua_string(t, &mut line);
+        line.push_str("] = true, ");
+    }
+    line.push_str("}\n");
+    source.replacen(MARKETING_LINE, &line, 1)
 }
 
 fn purposes(mask: ConsentMask) -> Vec<&'static str> {

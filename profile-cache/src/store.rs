@@ -28,8 +28,8 @@ use crate::identity::{self, Applied, Link, MergeOutcome};
 use crate::keys::{self, ProfileKeys, SCHEMA_VERSION, SCHEMA_VERSION_KEY};
 use crate::lifecycle::{LifecycleThresholds, ThresholdError};
 use crate::model::{
-    ApplyReport, CartLine, ConsentState, ConsentStatus, Profile, ProfileId, ProfileUpdate, Purpose,
-    SegmentMembership, ViewedProduct,
+    ApplyReport, CartLine, ConsentRecord, ConsentState, ConsentStatus, Profile, ProfileId,
+    ProfileUpdate, Purpose, SegmentMembership, ViewedProduct,
 };
 use crate::schedule::parse_profile_id;
 use crate::script::{self, ScriptSegments};
@@ -60,6 +60,11 @@ pub struct ProfileConfig {
     /// in: beyond it, a new anonymous id is neither linked nor merged, which protects
     /// against shared devices and "log in as" support tools. Default 100.
     pub max_anonymous_ids: u32,
+    /// TLS for `rediss://` URLs, beyond the system's trusted roots.
+    pub redis_tls: RedisTls,
+    /// The traits that need marketing consent: removed from a profile, and no longer
+    /// stored, while marketing is denied. Default `email`, `phone`.
+    pub marketing_traits: Vec<String>,
 }
 
 impl Default for ProfileConfig {
@@ -73,8 +78,63 @@ impl Default for ProfileConfig {
             redis_timeout: Duration::from_secs(2),
             lifecycle: LifecycleThresholds::default(),
             max_anonymous_ids: 100,
+            marketing_traits: vec!["email".into(), "phone".into()],
+            redis_tls: RedisTls::default(),
         }
     }
+}
+
+/// TLS settings for a `rediss://` URL (the user name and password of a Redis ACL user go in
+/// the URL: `rediss://collector:secret@redis.internal:6380`). Paths are PEM files, relative
+/// to the working directory.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RedisTls {
+    /// The certificate authority that signed the server's certificate, instead of the
+    /// system's trusted roots (a private CA).
+    pub ca_file: Option<std::path::PathBuf>,
+    /// This client's certificate, for servers that require one (`tls-auth-clients yes`).
+    pub client_cert: Option<std::path::PathBuf>,
+    /// The key of `client_cert`.
+    pub client_key: Option<std::path::PathBuf>,
+}
+
+/// The client for `url`, with the TLS settings of `config` for `rediss://`.
+///
+/// # Errors
+/// A bad URL, a PEM file that cannot be read, or a client certificate without its key.
+pub(crate) fn client(url: &str, config: &ProfileConfig) -> Result<redis::Client, StoreError> {
+    // rustls needs a process-wide crypto provider for rediss://; the first one installed
+    // stays (another part of the process may have installed it already).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let tls = &config.redis_tls;
+    if tls == &RedisTls::default() {
+        return redis::Client::open(url).map_err(StoreError::Redis);
+    }
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| StoreError::Tls(format!("{}: {e}", path.display())))
+    };
+    let client_tls = match (&tls.client_cert, &tls.client_key) {
+        (None, None) => None,
+        (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
+            client_cert: read(cert)?,
+            client_key: read(key)?,
+        }),
+        _ => {
+            return Err(StoreError::Tls(
+                "redis_tls.client_cert and redis_tls.client_key go together".into(),
+            ));
+        }
+    };
+    let root_cert = tls.ca_file.as_deref().map(read).transpose()?;
+    redis::Client::build_with_tls(
+        url,
+        redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        },
+    )
+    .map_err(StoreError::Redis)
 }
 
 /// A [`ProfileConfig`] that cannot work.
@@ -147,6 +207,9 @@ pub enum StoreError {
     /// Any other Redis error.
     #[error("redis error: {0}")]
     Redis(RedisError),
+    /// The TLS settings for Redis cannot be used.
+    #[error("redis tls: {0}")]
+    Tls(String),
 }
 
 impl From<RedisError> for StoreError {
@@ -231,7 +294,7 @@ impl RedisProfiles {
     /// [`StoreError::Unavailable`] when Redis cannot be reached within `redis_timeout`,
     /// [`StoreError::Schema`] when it holds data of another schema version.
     pub async fn connect(url: &str, config: ProfileConfig) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url).map_err(StoreError::Redis)?;
+        let client = client(url, &config)?;
         let manager = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(config.redis_timeout))
             .set_response_timeout(Some(config.redis_timeout))
@@ -260,7 +323,7 @@ impl RedisProfiles {
         if let Some(found) = found.filter(|v| v != SCHEMA_VERSION) {
             return Err(StoreError::Schema { found });
         }
-        let (script, member_keys) = load(&mut conn, ScriptSegments::new(&[])?).await?;
+        let (script, member_keys) = load(&mut conn, ScriptSegments::new(&[])?, &config).await?;
         Ok(Self {
             conn,
             config,
@@ -287,7 +350,7 @@ impl RedisProfiles {
             .collect::<Result<Vec<_>, serde_json::Error>>()?
             .into();
         (self.script, self.member_keys) =
-            load(&mut self.conn, ScriptSegments::new(segments)?).await?;
+            load(&mut self.conn, ScriptSegments::new(segments)?, &self.config).await?;
         Ok(self)
     }
 
@@ -499,8 +562,19 @@ impl RedisProfiles {
             let at = h
                 .time(&at_field)?
                 .ok_or_else(|| corrupt(&k.profile, &at_field, "is missing"))?;
-            consent.insert(p, ConsentState { status, at });
+            let source = h.map.get(&format!("{field}:source")).cloned();
+            consent.insert(p, ConsentState { status, at, source });
         }
+        let consent_log = match h.map.get("consent_log") {
+            None => Vec::new(),
+            Some(raw) => serde_json::from_str::<Vec<ConsentRecord>>(raw).map_err(|e| {
+                corrupt(
+                    &k.profile,
+                    "consent_log",
+                    &format!("not a list of consent answers: {e}"),
+                )
+            })?,
+        };
 
         let (mut anonymous_ids, mut user_ids) = (Vec::new(), Vec::new());
         for member in ids {
@@ -586,6 +660,7 @@ impl RedisProfiles {
             last_engaged_at: h.time("last_engaged_at")?,
             lifecycle: self.config.lifecycle.stage(first_seen, last_seen, now),
             consent,
+            consent_log,
             segments,
         }))
     }
@@ -622,8 +697,9 @@ impl RedisProfiles {
 async fn load(
     conn: &mut ConnectionManager,
     segments: ScriptSegments,
+    config: &ProfileConfig,
 ) -> Result<(Arc<redis::Script>, Arc<[String]>), StoreError> {
-    let script = redis::Script::new(&segments.source);
+    let script = redis::Script::new(&script::with_settings(&segments.source, config));
     script.load_async(conn).await?;
     Ok((Arc::new(script), segments.member_keys.into()))
 }

@@ -519,3 +519,70 @@ async fn deadlines_and_rebuilds_skip_merged_profiles() {
     assert_eq!((changes, gone, failed), (0, 1, 0));
     assert_eq!(keys_of(&mut conn, &visitor()).await, ["profile:{a:v1}"]);
 }
+
+#[tokio::test]
+async fn a_merge_cut_off_after_its_fold_is_finished_by_the_next_login_batch() {
+    let redis = RedisServer::start().unwrap();
+    let store = store_with(&redis, ProfileConfig::default(), SEGMENTS).await;
+    two_histories(&store).await;
+    let mut conn = redis.connection().await;
+    // The visitor's keys as they are before the merge, to put back afterwards.
+    let keys = keys_of(&mut conn, &visitor()).await;
+    let mut dumps = Vec::new();
+    for key in &keys {
+        let dump: Vec<u8> = redis::cmd("DUMP")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        dumps.push((key.clone(), dump));
+    }
+    let login = identified("alice", Some("v1"), vec![ev(21, EventKind::Page, at(-5))]);
+    store.apply(std::slice::from_ref(&login)).await.unwrap();
+    let merged = store.profile(&alice(), at(-5)).await.unwrap().unwrap();
+
+    // The state a crash between the fold and the last step leaves: the history is in
+    // Alice's profile, the visitor's keys are all still there (sealed), and the fold is
+    // recorded as `folded`.
+    for (key, dump) in &dumps {
+        let _: () = redis::cmd("RESTORE")
+            .arg(key)
+            .arg(0)
+            .arg(dump)
+            .arg("REPLACE")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let _: () = conn
+        .hset_multiple(
+            "profile:{a:v1}",
+            &[("merged_into", "u:alice"), ("merge_state", "sealed")],
+        )
+        .await
+        .unwrap();
+    let _: () = conn
+        .hset("profile:{u:alice}:merges", "a:v1", "folded")
+        .await
+        .unwrap();
+
+    // The retried login batch (all duplicates) finishes the merge without folding again.
+    let r = store.apply(&[login]).await.unwrap();
+    assert_eq!(
+        r,
+        ApplyReport {
+            merged: 1,
+            ..report(0, 1)
+        }
+    );
+    assert_eq!(keys_of(&mut conn, &visitor()).await, ["profile:{a:v1}"]);
+    assert_eq!(
+        store.profile(&alice(), at(-5)).await.unwrap().unwrap(),
+        merged
+    );
+    let merges: Vec<(String, String)> = conn.hgetall("profile:{u:alice}:merges").await.unwrap();
+    assert_eq!(merges, [("a:v1".to_string(), ms(at(-5)).to_string())]);
+    // And the next batch does not ask again.
+    let next = identified("alice", Some("v1"), vec![ev(22, EventKind::Page, at(-4))]);
+    assert_eq!(store.apply(&[next]).await.unwrap(), report(1, 0));
+}

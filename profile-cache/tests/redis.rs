@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use profile_cache::testing::RedisServer;
 use profile_cache::{
-    ApplyReport, CartLine, ConsentChange, ConsentMask, ConsentState, ConsentStatus, Context, Event,
-    EventKind, Item, Lifecycle, Profile, ProfileConfig, ProfileId, ProfileUpdate, Purpose,
-    RedisProfiles, StoreError, Value, ViewedProduct,
+    ApplyReport, CartLine, ConsentChange, ConsentMask, ConsentRecord, ConsentState, ConsentStatus,
+    Context, Event, EventKind, Item, Lifecycle, Profile, ProfileConfig, ProfileId, ProfileUpdate,
+    Purpose, RedisProfiles, StoreError, Value, ViewedProduct,
 };
 use redis::AsyncCommands;
 use time::OffsetDateTime;
@@ -193,17 +193,23 @@ async fn a_shopping_session_yields_exact_profile_values() {
     let r = store.apply(&[update(anon(), shopping())]).await.unwrap();
     assert_eq!(r, report(13, 0));
 
-    let consent = |status| ConsentState { status, at: ago(5) };
+    let consent = |status| ConsentState {
+        status,
+        at: ago(5),
+        source: None,
+    };
+    let logged = |purpose, status| ConsentRecord {
+        purpose,
+        status,
+        at: (ago(5).unix_timestamp_nanos() / 1_000_000) as i64,
+        source: None,
+    };
     let expected = Profile {
         id: anon(),
         user_id: None,
         anonymous_ids: vec!["anon-1".into()],
-        traits: strings([
-            ("email", "ada@example.com"),
-            ("age", "36"),
-            ("score", "0.75"),
-            ("vip", "true"),
-        ]),
+        // The email went when marketing was denied (`profiles.marketing_traits`).
+        traits: strings([("age", "36"), ("score", "0.75"), ("vip", "true")]),
         first_seen: ago(60),
         last_seen: ago(1),
         events: 13,
@@ -258,6 +264,11 @@ async fn a_shopping_session_yields_exact_profile_values() {
             (Purpose::Marketing, consent(ConsentStatus::Denied)),
         ]
         .into(),
+        consent_log: vec![
+            logged(Purpose::Analytics, ConsentStatus::Granted),
+            logged(Purpose::Marketing, ConsentStatus::Denied),
+            logged(Purpose::Personalization, ConsentStatus::Granted),
+        ],
         segments: vec![],
     };
     assert_eq!(profile(&store, &anon()).await, expected);
@@ -290,6 +301,15 @@ async fn a_shopping_session_yields_exact_profile_values() {
             ("consent:personalization:at", &ms(ago(5))),
             ("consent:marketing", "denied"),
             ("consent:marketing:at", &ms(ago(5))),
+            (
+                "consent_log",
+                &format!(
+                    "[{{\"purpose\":\"analytics\",\"status\":\"granted\",\"at\":{t}}},\
+                     {{\"purpose\":\"marketing\",\"status\":\"denied\",\"at\":{t}}},\
+                     {{\"purpose\":\"personalization\",\"status\":\"granted\",\"at\":{t}}}]",
+                    t = ms(ago(5))
+                )
+            ),
         ])
     );
     let cart: BTreeMap<String, String> = conn.hgetall("profile:{a:anon-1}:cart").await.unwrap();
@@ -507,6 +527,7 @@ async fn the_latest_consent_answer_wins_whatever_the_arrival_order() {
                 ConsentState {
                     status: ConsentStatus::Granted,
                     at: ago(10),
+                    source: None,
                 }
             ),
             (
@@ -514,6 +535,7 @@ async fn the_latest_consent_answer_wins_whatever_the_arrival_order() {
                 ConsentState {
                     status: ConsentStatus::Denied,
                     at: ago(5),
+                    source: None,
                 }
             ),
         ]

@@ -215,6 +215,44 @@ fn a_visitor_who_logs_in_is_one_profile_under_both_ids() {
 }
 
 #[test]
+fn the_configuration_adds_purposes_per_kind_and_filters_what_a_source_keeps() {
+    let redis = RedisServer::start().unwrap();
+    let ingest = Ingest::start_with(
+        &redis.url(),
+        &format!(
+            "[consent]\npurposes = {{ track = \"marketing\" }}\n\
+             [sources.{WRITE_KEY}]\nproperties = {{ deny = [\"email\"] }}\n\
+             traits = {{ allow = [\"plan\"] }}\n"
+        ),
+    );
+    let mut identify = ev(1, wire::EventKind::Identify);
+    identify.user_id = Some("user-5".into());
+    let text = |k: &str, v: &str| wire::Property {
+        key: k.into(),
+        value: wire::Value::String(v.into()),
+    };
+    identify.properties = vec![text("plan", "pro"), text("email", "x@example.com")];
+    let mut track = ev(2, wire::EventKind::Track);
+    track.name = Some("Clicked Ad".into());
+    let mut b = batch(
+        "visitor-8",
+        vec![identify, track, ev(3, wire::EventKind::Page)],
+    );
+    b.context.user_id = Some("user-5".into());
+    b.consent = 0b0011; // necessary and analytics: no marketing
+    let (status, body) = json(post(&ingest, wire::encode(&b)));
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(
+        body,
+        json!({"accepted": 2, "rejected": [{"index": 1, "reason": "consent: marketing not granted"}]})
+    );
+    let (_, p) = profile(&ingest, "user-5");
+    assert_eq!(p["traits"], json!({"plan": "pro"}));
+    assert_eq!(p["event_counts"].get("Clicked Ad"), None);
+    assert_eq!(p["page_views"], 1);
+}
+
+#[test]
 fn events_without_consent_are_reported_and_not_stored() {
     let redis = RedisServer::start().unwrap();
     let ingest = Ingest::start(&redis.url());

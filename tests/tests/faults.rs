@@ -795,11 +795,8 @@ fn redis_frozen_mid_load_without_a_spool_is_refused_within_the_timeout_and_count
 /// merge: until it is finished the anonymous profile keeps its keys, counters, segment
 /// memberships and deadlines next to the user profile that already holds its data.
 ///
-/// Fails: the retry (like every later update of the user profile) sees the merge recorded
-/// by the fold and does not ask for it again; only a batch naming the anonymous id alone
-/// would finish it. The fault tests above count such merges ("stopped after the fold").
+/// The fold records the merge as `folded`, so the retry still asks for it and finishes it.
 #[test]
-#[ignore = "fails: a merge cut off after its fold is finished only by an anonymous-only batch"]
 fn a_merge_cut_off_after_its_fold_is_finished_by_the_retried_batch() {
     let _serial = one_at_a_time();
     let redis = RedisServer::start().unwrap();

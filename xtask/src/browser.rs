@@ -42,7 +42,7 @@ pub fn prepare_if_stale(ws: &Workspace) -> anyhow::Result<()> {
 
 /// Whether every package in `suite`'s `package-lock.json` is installed at the locked version,
 /// according to the record npm keeps in `node_modules/.package-lock.json`.
-fn installed_as_locked(suite: &Path) -> bool {
+pub fn installed_as_locked(suite: &Path) -> bool {
     let read = |path: &Path| -> Option<serde_json::Value> {
         serde_json::from_str(&std::fs::read_to_string(path).ok()?).ok()
     };

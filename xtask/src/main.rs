@@ -20,6 +20,7 @@ mod build_tracker;
 mod demo;
 mod gen_wire;
 mod process;
+mod segment_clients;
 mod test;
 mod tools;
 mod workspace;

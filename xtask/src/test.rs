@@ -13,6 +13,7 @@ use anyhow::{Context as _, bail};
 use crate::browser;
 use crate::build_tracker;
 use crate::process;
+use crate::segment_clients;
 use crate::tools;
 use crate::workspace::Workspace;
 
@@ -64,6 +65,10 @@ const STEPS: &[Step] = &[
         name: "browser test tools (chromium, node, npm ci)",
         run: |ws, _| browser::prepare(ws),
     },
+    Step {
+        name: "Segment client libraries (npm ci, pip install into a virtualenv)",
+        run: |ws, _| segment_clients::prepare(ws),
+    },
     // The size budget (`build-tracker --check`) is not a step yet: the tracker is over it.
     Step {
         name: "build-tracker (www/t)",
@@ -90,7 +95,8 @@ const STEPS: &[Step] = &[
             // --no-fail-fast: one failing suite must not hide the results of the others.
             cmd.args(["test", "--workspace", "--all-targets", "--no-fail-fast"])
                 .env("INGEST_BIN", ws.bin("debug", "ingest"))
-                .env("LOADGEN_BIN", ws.bin("debug", "loadgen"));
+                .env("LOADGEN_BIN", ws.bin("debug", "loadgen"))
+                .env("SEGMENT_PYTHON", segment_clients::python(ws));
             cargo_test(&mut cmd, counts)
         },
     },

@@ -1019,7 +1019,11 @@ mod http {
     fn prepare(batch: wire::Batch, start_at: Duration) -> Prepared {
         let body = Bytes::from(wire::encode(&batch));
         let events = batch.events.len() as u64;
-        let profiles = match ingest::pipeline::prepare(batch, OffsetDateTime::now_utc()) {
+        let profiles = match ingest::pipeline::prepare(
+            batch,
+            OffsetDateTime::now_utc(),
+            &ingest::pipeline::Rules::default(),
+        ) {
             Ok(prepared) => prepared
                 .updates
                 .iter()
@@ -1271,8 +1275,12 @@ mod store {
             batches,
             vec![store; concurrency],
             |store, batch| async move {
-                let prepared = ingest::pipeline::prepare(batch, OffsetDateTime::now_utc())
-                    .map_err(|e| format!("{}: {}", e.field, e.problem))?;
+                let prepared = ingest::pipeline::prepare(
+                    batch,
+                    OffsetDateTime::now_utc(),
+                    &ingest::pipeline::Rules::default(),
+                )
+                .map_err(|e| format!("{}: {}", e.field, e.problem))?;
                 let report = store
                     .apply(&prepared.updates)
                     .await
