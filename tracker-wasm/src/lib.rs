@@ -3,25 +3,24 @@
 //! A page embeds the snippet (`snippet.js`, under 1 KB minified), which defines `window.pz`
 //! with a call queue and loads `pz.js`: the wasm-bindgen glue plus a small loader
 //! (`js/loader.js`) that starts this module, replays the queue, checks the page's arguments,
-//! installs the page listeners and delivers batches. Each call reaches Rust as one text
+//! installs the page listeners and delivers batches. Each call reaches Rust as one binary
 //! message ([`msg`]). Events pass through the consent gate, encoded once
-//! (`wire::encode::event`), into a bounded queue; the timer seals them into `wire` batches
-//! by copying bytes, which go to the collector with
-//! `fetch(..., {keepalive: true})`, or `sendBeacon` when the page goes away, and are retried
-//! with backoff until acknowledged.
+//! (`wire::encode::event_ref`), into a bounded queue of byte records; the timer seals them
+//! and sends them as `wire` batches, copied behind a batch header, with
+//! `fetch(..., {keepalive: true})`, or `sendBeacon` when the page goes away, retried with
+//! backoff until acknowledged.
 //!
 //! The pure core (no browser APIs, tested natively):
 //! - [`tracker`]: the state machine behind the API, with the browser behind [`Env`].
-//! - [`msg`]: the loader's text messages; [`api`]: settings and event parts within the
-//!   collector's limits.
+//! - [`msg`]: the loader's messages and the `init` settings.
 //! - [`consent`]: purposes, pending/granted/denied, the kind -> purpose table.
 //! - [`signals`]: Global Privacy Control, TCF v2.2 and Consent Mode v2 mapped to purposes.
-//! - [`queue`]: the bounded queue of unsealed events and sealed batches; [`batch`]: when to
-//!   seal, batch limits, restamping the send time of a retried batch.
+//! - [`queue`]: events as byte records in one buffer (the queue, the events held for
+//!   consent, and what is stored); [`batch`]: when to seal, and the next batch.
 //! - [`backoff`]: what an answer means and how long to wait before retrying.
-//! - [`session`]: session ids; [`page`]: UTM parameters and page-view dedupe.
+//! - [`session`]: session ids.
 //! - [`persist`]: localStorage keys, the stored queue format, tabs sharing storage.
-//! - [`text`]: text without `core::fmt`.
+//! - [`text`]: text as UTF-8 bytes, without `core::fmt`.
 //!
 //! On wasm32 a thin `shell` module binds it to the browser with wasm-bindgen, through a few
 //! host functions of the loader (storage, randomness, clock, delivery).
@@ -57,12 +56,10 @@
 
 extern crate alloc;
 
-pub mod api;
 pub mod backoff;
 pub mod batch;
 pub mod consent;
 pub mod msg;
-pub mod page;
 pub mod persist;
 pub mod queue;
 pub mod session;
@@ -73,6 +70,6 @@ pub mod tracker;
 #[cfg(target_arch = "wasm32")]
 mod shell;
 
-pub use api::Config;
+pub use msg::Config;
 pub use persist::Storage;
 pub use tracker::{Env, NO_TICK, Signal, Tracker};

@@ -25,7 +25,7 @@ use crate::model::{Batch, Context, Event, EventKind, Purpose, Value};
 pub fn encode(batch: &Batch) -> Vec<u8> {
     let events: Vec<Vec<u8>> = batch.events.iter().map(event).collect();
     assemble(
-        &batch.write_key,
+        batch.write_key.as_bytes(),
         batch.sent_at_ms,
         batch.consent,
         &context(&batch.context),
@@ -35,46 +35,50 @@ pub fn encode(batch: &Batch) -> Vec<u8> {
 
 /// One event as a piece for [`assemble`].
 pub fn event(e: &Event) -> Vec<u8> {
-    let properties: Vec<(&str, ValueRef<'_>)> = e
+    let properties: Vec<(&[u8], ValueRef<'_>)> = e
         .properties
         .iter()
         .map(|p| {
             let v = match &p.value {
-                Value::String(s) => ValueRef::String(s),
+                Value::String(s) => ValueRef::String(s.as_bytes()),
                 Value::Int(i) => ValueRef::Int(*i),
                 Value::Float(f) => ValueRef::Float(*f),
                 Value::Bool(b) => ValueRef::Bool(*b),
             };
-            (p.key.as_str(), v)
+            (p.key.as_bytes(), v)
         })
         .collect();
     let items: Vec<ItemRef<'_>> = e
         .items
         .iter()
         .map(|i| ItemRef {
-            product_id: &i.product_id,
-            category: i.category.as_deref(),
+            product_id: i.product_id.as_bytes(),
+            category: bytes(&i.category),
             price: i.price,
             quantity: i.quantity,
-            name: i.name.as_deref(),
+            name: bytes(&i.name),
         })
         .collect();
     event_ref(&EventRef {
         message_id: e.message_id,
         timestamp_ms: e.timestamp_ms,
         kind: e.kind,
-        name: e.name.as_deref(),
+        name: bytes(&e.name),
         properties: &properties,
         items: &items,
-        user_id: e.user_id.as_deref(),
-        previous_id: e.previous_id.as_deref(),
-        order_id: e.order_id.as_deref(),
+        user_id: bytes(&e.user_id),
+        previous_id: bytes(&e.previous_id),
+        order_id: bytes(&e.order_id),
         revenue: e.revenue,
-        currency: e.currency.as_deref(),
+        currency: bytes(&e.currency),
         consent_granted: e.consent_granted,
         consent_denied: e.consent_denied,
         purpose: e.purpose,
     })
+}
+
+fn bytes(s: &Option<String>) -> Option<&[u8]> {
+    s.as_deref().map(str::as_bytes)
 }
 
 /// One event, borrowed, as a piece for [`assemble`]: the same bytes as [`event`] for the
@@ -86,11 +90,12 @@ pub fn event_ref(e: &EventRef<'_>) -> Vec<u8> {
     w.0
 }
 
-/// A property value to encode, borrowing its text.
+/// A property value to encode, borrowing its text (UTF-8 bytes: the encoder copies them as
+/// they are, so a caller that passes anything else gets a batch the collector refuses).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum ValueRef<'a> {
-    /// Text.
-    String(&'a str),
+    /// Text (UTF-8).
+    String(&'a [u8]),
     /// A whole number.
     Int(i64),
     /// A finite floating point number.
@@ -99,23 +104,23 @@ pub enum ValueRef<'a> {
     Bool(bool),
 }
 
-/// A product line to encode, borrowing its text (see [`crate::Item`]).
+/// A product line to encode, borrowing its text as UTF-8 bytes (see [`crate::Item`]).
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct ItemRef<'a> {
     /// The shop's product id (required, non-empty).
-    pub product_id: &'a str,
+    pub product_id: &'a [u8],
     /// Category, if known.
-    pub category: Option<&'a str>,
+    pub category: Option<&'a [u8]>,
     /// Unit price in minor currency units.
     pub price: i64,
     /// How many.
     pub quantity: u32,
     /// Display name, if known.
-    pub name: Option<&'a str>,
+    pub name: Option<&'a [u8]>,
 }
 
-/// An event to encode, borrowing its text and lists (see [`Event`] for the fields): the
-/// browser tracker fills one straight from a page's call, without allocating.
+/// An event to encode, borrowing its text (UTF-8 bytes) and lists (see [`Event`] for the
+/// fields): the browser tracker fills one straight from a page's call, without allocating.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct EventRef<'a> {
     /// 16 random bytes; never all zero.
@@ -125,21 +130,21 @@ pub struct EventRef<'a> {
     /// What happened.
     pub kind: EventKind,
     /// Track event name or page name.
-    pub name: Option<&'a str>,
+    pub name: Option<&'a [u8]>,
     /// Properties (key, value), or traits for identify.
-    pub properties: &'a [(&'a str, ValueRef<'a>)],
+    pub properties: &'a [(&'a [u8], ValueRef<'a>)],
     /// Commerce items.
     pub items: &'a [ItemRef<'a>],
     /// Identify: the user id. Alias: the new id.
-    pub user_id: Option<&'a str>,
+    pub user_id: Option<&'a [u8]>,
     /// Alias: the previous id.
-    pub previous_id: Option<&'a str>,
+    pub previous_id: Option<&'a [u8]>,
     /// Order id.
-    pub order_id: Option<&'a str>,
+    pub order_id: Option<&'a [u8]>,
     /// Order revenue in minor currency units.
     pub revenue: i64,
     /// ISO 4217 currency code.
-    pub currency: Option<&'a str>,
+    pub currency: Option<&'a [u8]>,
     /// Consent change: purposes now granted (mask).
     pub consent_granted: u8,
     /// Consent change: purposes now denied (mask).
@@ -148,8 +153,56 @@ pub struct EventRef<'a> {
     pub purpose: Purpose,
 }
 
+/// A context to encode, borrowing its text as UTF-8 bytes (see [`Context`] for the fields).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct ContextRef<'a> {
+    /// Full page URL.
+    pub page_url: Option<&'a [u8]>,
+    /// `document.referrer`.
+    pub referrer: Option<&'a [u8]>,
+    /// UTM parameters: source, medium, campaign, term, content.
+    pub utm: [Option<&'a [u8]>; 5],
+    /// `navigator.language`.
+    pub locale: Option<&'a [u8]>,
+    /// IANA time zone.
+    pub timezone: Option<&'a [u8]>,
+    /// Screen width in CSS pixels.
+    pub screen_width: u16,
+    /// Screen height in CSS pixels.
+    pub screen_height: u16,
+    /// Session id.
+    pub session_id: Option<&'a [u8]>,
+    /// The visitor's anonymous id.
+    pub anonymous_id: Option<&'a [u8]>,
+    /// The user id, once known.
+    pub user_id: Option<&'a [u8]>,
+}
+
 /// A context as a piece for [`assemble`].
 pub fn context(c: &Context) -> Vec<u8> {
+    context_ref(&ContextRef {
+        page_url: bytes(&c.page_url),
+        referrer: bytes(&c.referrer),
+        utm: [
+            bytes(&c.utm_source),
+            bytes(&c.utm_medium),
+            bytes(&c.utm_campaign),
+            bytes(&c.utm_term),
+            bytes(&c.utm_content),
+        ],
+        locale: bytes(&c.locale),
+        timezone: bytes(&c.timezone),
+        screen_width: c.screen_width,
+        screen_height: c.screen_height,
+        session_id: bytes(&c.session_id),
+        anonymous_id: bytes(&c.anonymous_id),
+        user_id: bytes(&c.user_id),
+    })
+}
+
+/// A borrowed context as a piece for [`assemble`]: the same bytes as [`context`] for the
+/// [`Context`] it mirrors.
+pub fn context_ref(c: &ContextRef<'_>) -> Vec<u8> {
     let mut w = Writer(Vec::with_capacity(128));
     w.0.extend_from_slice(&[0; 4]);
     w.context(0, c);
@@ -159,7 +212,7 @@ pub fn context(c: &Context) -> Vec<u8> {
 /// A batch from pieces made by [`context`] and [`event`]: the same bytes [`encode`] writes
 /// for the batch they came from.
 pub fn assemble<'a>(
-    write_key: &str,
+    write_key: &[u8],
     sent_at_ms: i64,
     consent: u8,
     context: &[u8],
@@ -228,7 +281,7 @@ enum Slot<'a> {
     /// An absent field (an empty optional): not written, 0 in the vtable.
     Skip,
     /// A string, written right after the table.
-    Str(&'a str),
+    Str(&'a [u8]),
     /// A `uoffset` to a child the caller writes later.
     Offset,
     I64(i64),
@@ -251,11 +304,7 @@ impl<'a> Slot<'a> {
         }
     }
 
-    fn opt(s: &'a Option<String>) -> Slot<'a> {
-        Slot::str(s.as_deref())
-    }
-
-    fn str(s: Option<&'a str>) -> Slot<'a> {
+    fn str(s: Option<&'a [u8]>) -> Slot<'a> {
         s.map_or(Slot::Skip, Slot::Str)
     }
 
@@ -293,12 +342,13 @@ impl Writer {
     /// out largest first, so each is aligned: 8-byte ones start right after the 4-byte
     /// vtable offset of a table placed at 4 mod 8.
     fn table(&mut self, parent: usize, fields: &[(usize, Slot<'_>)]) -> [usize; 16] {
+        // Ids are masked to 0..16 (they all are), so that no index can panic.
         let mut at = [0usize; 16];
         let mut size = 4;
         for width in [8, 4, 16, 2, 1] {
             for &(id, f) in fields {
                 if f.size() == width {
-                    at[id] = size;
+                    at[id & 15] = size;
                     size += width;
                 }
             }
@@ -316,7 +366,7 @@ impl Writer {
         for v in [(4 + 2 * count) as u16, size as u16] {
             self.0.extend_from_slice(&v.to_le_bytes());
         }
-        for v in &at[..count] {
+        for v in at.iter().take(count) {
             self.0.extend_from_slice(&(*v as u16).to_le_bytes());
         }
         while !self.0.len().is_multiple_of(4) || (wide && self.0.len() % 8 != 4) {
@@ -327,10 +377,10 @@ impl Writer {
         self.0.resize(table + size, 0);
         self.put(table, &((table - vtable) as i32).to_le_bytes());
         for &(id, f) in fields {
-            let p = table + at[id];
+            let p = table + at[id & 15];
             match f {
                 Slot::Skip => {}
-                Slot::Str(_) | Slot::Offset => at[id] = p,
+                Slot::Str(_) | Slot::Offset => at[id & 15] = p,
                 Slot::I64(v) => self.put(p, &v.to_le_bytes()),
                 Slot::U32(v) => self.put(p, &v.to_le_bytes()),
                 Slot::U16(v) => self.put(p, &v.to_le_bytes()),
@@ -340,7 +390,7 @@ impl Writer {
         }
         for &(id, f) in fields {
             if let Slot::Str(s) = f {
-                self.string(at[id], s);
+                self.string(at[id & 15], s);
             }
         }
         at
@@ -359,11 +409,11 @@ impl Writer {
         self.put(parent, &offset.to_le_bytes());
     }
 
-    fn string(&mut self, parent: usize, s: &str) {
+    fn string(&mut self, parent: usize, s: &[u8]) {
         self.pad(4);
         self.patch(parent);
         self.0.extend_from_slice(&(s.len() as u32).to_le_bytes());
-        self.0.extend_from_slice(s.as_bytes());
+        self.0.extend_from_slice(s);
         self.0.push(0);
     }
 
@@ -377,27 +427,28 @@ impl Writer {
         first
     }
 
-    fn context(&mut self, parent: usize, c: &Context) {
-        let strings = [
-            (0, &c.page_url),
-            (1, &c.referrer),
-            (2, &c.utm_source),
-            (3, &c.utm_medium),
-            (4, &c.utm_campaign),
-            (5, &c.utm_term),
-            (6, &c.utm_content),
-            (7, &c.locale),
-            (8, &c.timezone),
-            (11, &c.session_id),
-            (12, &c.anonymous_id),
-            (13, &c.user_id),
-        ];
-        let mut fields = [(9, Slot::U16(c.screen_width)); 14];
-        fields[1] = (10, Slot::U16(c.screen_height));
-        for (f, (id, s)) in fields[2..].iter_mut().zip(strings) {
-            *f = (id, Slot::opt(s));
-        }
-        self.table(parent, &fields);
+    fn context(&mut self, parent: usize, c: &ContextRef<'_>) {
+        let [s0, s1, s2, s3, s4] = c.utm;
+        let o = Slot::str;
+        self.table(
+            parent,
+            &[
+                (0, o(c.page_url)),
+                (1, o(c.referrer)),
+                (2, o(s0)),
+                (3, o(s1)),
+                (4, o(s2)),
+                (5, o(s3)),
+                (6, o(s4)),
+                (7, o(c.locale)),
+                (8, o(c.timezone)),
+                (9, Slot::U16(c.screen_width)),
+                (10, Slot::U16(c.screen_height)),
+                (11, o(c.session_id)),
+                (12, o(c.anonymous_id)),
+                (13, o(c.user_id)),
+            ],
+        );
     }
 
     fn event(&mut self, parent: usize, e: &EventRef<'_>) {
@@ -435,7 +486,7 @@ impl Writer {
         }
     }
 
-    fn property(&mut self, parent: usize, key: &str, value: ValueRef<'_>) {
+    fn property(&mut self, parent: usize, key: &[u8], value: ValueRef<'_>) {
         // The union `value` takes two field ids: its type (1) and the table (2).
         let (tag, value) = match value {
             ValueRef::String(text) => (1, Slot::Str(text)),
