@@ -26,7 +26,7 @@
 
 use alloc::vec::Vec;
 use wire::decode::{MAX_EVENTS, MAX_ITEMS, MAX_PROPERTIES};
-use wire::encode::{EventRef, ItemRef, ValueRef};
+use wire::encode::{EventPiece, EventRef, ItemRef, ValueRef};
 use wire::{EventKind, Purpose};
 
 use crate::batch::Policy;
@@ -51,6 +51,19 @@ impl<'a> Reader<'a> {
                 f64::NAN
             }
         }
+    }
+
+    /// The next number as a small whole number (saturating; NaN: 0). Not inlined: each
+    /// float-to-integer conversion is a dozen instructions.
+    #[inline(never)]
+    pub fn int(&mut self) -> u32 {
+        self.num() as u32
+    }
+
+    /// The next number as a whole number (saturating; NaN: 0), not inlined either.
+    #[inline(never)]
+    pub fn i64(&mut self) -> i64 {
+        self.num() as i64
     }
 
     /// The next text; empty past the end.
@@ -117,69 +130,74 @@ pub struct Config {
 /// so nothing is copied before [`Ev::piece`] encodes it.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Ev<'a> {
-    /// The event (the tracker sets id, time and purpose). Its lists are used when `lists`
-    /// is empty: the tracker's own events.
+    /// The event (the tracker sets id, time and purpose). Its properties are used when
+    /// `lists` is empty: the tracker's own events; its items never.
     pub head: EventRef<'a>,
     /// The properties and items, in message form.
     pub lists: &'a [u8],
 }
 
 impl Ev<'_> {
-    /// The event encoded (`wire::encode::event_ref`).
+    /// The event encoded (`wire::encode::EventPiece`), its lists streamed from the message
+    /// (or taken from `head` for the tracker's own events).
     pub fn piece(&self) -> Vec<u8> {
-        let mut properties = [(&[][..], ValueRef::Bool(false)); MAX_PROPERTIES];
-        let mut items = [ItemRef::default(); MAX_ITEMS];
-        let mut e = self.head;
-        if !self.lists.is_empty() {
-            let mut r = Reader(self.lists);
-            let n = (r.num() as usize).min(MAX_PROPERTIES);
-            for p in &mut properties[..n] {
-                let key = r.text();
-                let value = match r.num() as u8 {
-                    1 => ValueRef::String(r.text()),
-                    2 => ValueRef::Int(r.num() as i64),
-                    3 => ValueRef::Float(r.num()),
-                    _ => ValueRef::Bool(r.num() != 0.0),
-                };
-                *p = (key, value);
-            }
-            let m = (r.num() as usize).min(MAX_ITEMS);
-            for i in &mut items[..m] {
-                // Struct fields are evaluated in the order written: the message's order.
-                *i = ItemRef {
-                    product_id: r.text(),
-                    category: r.opt(),
-                    price: r.num() as i64,
-                    quantity: r.num() as u32,
-                    name: r.opt(),
-                };
-            }
-            e.properties = &properties[..n];
-            e.items = &items[..m];
+        let mut r = Reader(self.lists);
+        let e = &self.head;
+        let from_message = !self.lists.is_empty();
+        let n = if from_message {
+            (r.int() as usize).min(MAX_PROPERTIES)
+        } else {
+            e.properties.len()
+        };
+        let mut p = EventPiece::new(e, n);
+        for (key, value) in e.properties {
+            p.property(key, *value);
         }
-        wire::encode::event_ref(&e)
+        for _ in 0..n * usize::from(from_message) {
+            let key = r.text();
+            let value = match r.int() {
+                1 => ValueRef::String(r.text()),
+                2 => ValueRef::Int(r.i64()),
+                3 => ValueRef::Float(r.num()),
+                _ => ValueRef::Bool(r.num() != 0.0),
+            };
+            p.property(key, value);
+        }
+        let m = (r.int() as usize).min(MAX_ITEMS);
+        p.items(m);
+        for _ in 0..m {
+            // Struct fields are evaluated in the order written: the message's order.
+            p.item(&ItemRef {
+                product_id: r.text(),
+                category: r.opt(),
+                price: r.i64(),
+                quantity: r.int(),
+                name: r.opt(),
+            });
+        }
+        p.finish()
     }
 }
 
 /// Parses one message; `None` when it is not one.
 pub fn parse(msg: &[u8]) -> Option<Msg<'_>> {
     let mut r = Reader(msg);
-    let kind = r.num() as u8;
+    let kind = r.int();
     let signal = match kind {
         1 => return Some(Msg::Init(init(&mut r))),
         2 => Signal::Event(event(&mut r)?),
         3 => Signal::Navigate(r.text(), [r.text(), r.text(), r.text(), r.text(), r.text()]),
         4 => {
-            let grant = r.num() as u8;
+            let grant = r.int() as u8;
             Signal::Consent(Update {
                 grant,
-                deny: r.num() as u8 & !grant,
+                deny: r.int() as u8 & !grant,
             })
         }
-        5 => Signal::Tcf(r.num() as u16),
-        6 | 7 => Signal::Gcm(kind == 7, r.num() as u8, r.num() as u8),
+        5 => Signal::Tcf(r.int() as u16),
+        6 | 7 => Signal::Gcm(kind == 7, r.int() as u8, r.int() as u8),
         8 => Signal::Click(r.text()),
-        9 => return Some(Msg::Done(r.num() as u32, r.num() as u16, r.num())),
+        9 => return Some(Msg::Done(r.int(), r.int() as u16, r.num())),
         10 => Signal::Tick,
         11 => Signal::Hidden,
         12 => Signal::Visible,
@@ -217,29 +235,45 @@ fn init(r: &mut Reader<'_>) -> Config {
         c.session_timeout = v * 60_000.0;
     }
     c.track_clicks = within(1.0, 1.0).is_some();
-    let grant = r.num() as u8 & 15;
+    let grant = r.int() as u8 & 15;
     c.defaults = Update {
         grant,
-        deny: r.num() as u8 & 15 & !grant,
+        deny: r.int() as u8 & 15 & !grant,
     };
     c.gpc = r.num() == 1.0;
     c.visible = r.num() == 1.0;
-    c.screen = (r.num() as u16, r.num() as u16);
+    let mut dim = || r.int().min(65535) as u16;
+    c.screen = (dim(), dim());
+    c.purposes = LEAST_PURPOSES;
     for (i, p) in c.purposes.iter_mut().enumerate() {
-        let kind = EventKind::from_u8(i as u8).unwrap_or_default();
         let v = r.num();
-        *p = match Purpose::from_u8(v as u8) {
-            Some(set) if v >= 0.0 && kind != EventKind::ConsentChange => set,
-            _ => kind.least_purpose(),
-        };
+        if v >= 0.0
+            && i != EventKind::ConsentChange as usize
+            && let Some(set) = Purpose::from_u8(v as u8)
+        {
+            *p = set;
+        }
     }
     c
 }
 
+/// Each event kind's least purpose, by wire value: the default declared purposes.
+const LEAST_PURPOSES: [Purpose; 12] = {
+    let mut p = [Purpose::Necessary; 12];
+    let mut i = 0;
+    while i < 12 {
+        if let Some(kind) = EventKind::from_u8(i as u8) {
+            p[i] = kind.least_purpose();
+        }
+        i += 1;
+    }
+    p
+};
+
 /// An event from the page; the tracker adds its id and purpose (and the time, when the page
 /// gave none: 0).
 fn event<'a>(r: &mut Reader<'a>) -> Option<Ev<'a>> {
-    let kind = EventKind::from_u8(r.num() as u8)?;
+    let kind = EventKind::from_u8(r.int() as u8)?;
     let ts = r.num();
     // Struct fields are evaluated in the order written: the message's order.
     let head = EventRef {
@@ -248,7 +282,7 @@ fn event<'a>(r: &mut Reader<'a>) -> Option<Ev<'a>> {
         name: r.opt(),
         user_id: r.opt(),
         order_id: r.opt(),
-        revenue: r.num() as i64,
+        revenue: r.i64(),
         currency: r.opt(),
         ..EventRef::default()
     };

@@ -452,7 +452,9 @@ impl Tracker {
             self.referrer = previous;
         }
         if utm.iter().any(|u| !u.is_empty()) {
-            self.utm = utm.map(<[u8]>::to_vec);
+            for (d, s) in self.utm.iter_mut().zip(utm) {
+                *d = s.to_vec();
+            }
         }
         self.refresh_ctx();
         let ev = self.event(env, EventKind::Page, now);
@@ -598,10 +600,14 @@ impl Tracker {
             (!s.is_empty()).then_some(s.as_slice())
         }
         let session = self.session.id();
+        let mut utm = [None; 5];
+        for (d, s) in utm.iter_mut().zip(&self.utm) {
+            *d = some(s);
+        }
         self.ctx = wire::encode::context_ref(&ContextRef {
             page_url: some(&self.url),
             referrer: some(&self.referrer),
-            utm: self.utm.each_ref().map(some),
+            utm,
             locale: some(&self.cfg.locale),
             timezone: some(&self.cfg.timezone),
             screen_width: self.cfg.screen.0,
