@@ -72,4 +72,4 @@ mod shell;
 
 pub use msg::Config;
 pub use persist::Storage;
-pub use tracker::{Env, NO_TICK, Signal, Tracker};
+pub use tracker::{Env, NO_TICK, Tracker};

@@ -19,7 +19,7 @@ use core::cell::RefCell;
 
 use wasm_bindgen::prelude::*;
 
-use crate::msg::{self, Msg};
+use crate::msg;
 use crate::persist::Storage;
 use crate::tracker::{Env, NO_TICK, Tracker};
 
@@ -162,19 +162,17 @@ pub fn m(len: u32) -> f64 {
     let Some(message) = take(len as i32) else {
         return NO_TICK;
     };
-    match (msg::parse(&message), tracker.as_mut()) {
-        (Some(Msg::Init(cfg)), None) => {
-            *tracker = Some(Tracker::new(cfg, browser));
+    let mut r = msg::Reader(&message);
+    match (msg::kind(&mut r), tracker.as_mut()) {
+        (msg::INIT, None) => {
+            *tracker = Some(Tracker::new(msg::init(&mut r), browser));
             0.0
         }
-        (Some(Msg::Signal(s)), Some(t)) => t.signal(browser, s),
-        (Some(Msg::Done(seq, status, retry_after)), Some(t)) => {
-            t.done(browser, seq, status, retry_after)
-        }
-        (Some(Msg::Debug), Some(t)) => {
+        (msg::DEBUG, Some(t)) => {
             debug(&t.debug());
             NO_TICK
         }
+        (_, Some(t)) => t.handle(browser, &message),
         _ => NO_TICK,
     }
 }

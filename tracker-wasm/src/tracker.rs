@@ -15,7 +15,7 @@ use wire::encode::{ContextRef, ValueRef};
 use crate::backoff::{self, Backoff, Outcome};
 use crate::batch;
 use crate::consent::{Consent, Gate, NECESSARY, State, Update};
-use crate::msg::{Config, Ev};
+use crate::msg::{self, Config, Ev, Reader};
 use crate::persist::{self, Storage, Stored};
 use crate::queue::{Head, Queue};
 use crate::session::Session;
@@ -51,39 +51,6 @@ pub trait Env: Storage {
     /// Otherwise use `fetch` with `keepalive` and report the answer with
     /// [`Tracker::done`]`(seq, ..)`. Returns `false` when the request could not start.
     fn send(&mut self, body: &[u8], seq: u32) -> bool;
-}
-
-/// A message from the loader, borrowing its text.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Signal<'a> {
-    /// The timer fired.
-    Tick,
-    /// An event from the page (without id and purpose; time 0: now).
-    Event(Ev<'a>),
-    /// `pz.consent(...)`: the visitor's decision.
-    Consent(Update),
-    /// `visibilitychange` to hidden.
-    Hidden,
-    /// `visibilitychange` to visible, or `pageshow` from the back-forward cache.
-    Visible,
-    /// `pagehide`: the page is going away.
-    PageHide,
-    /// Start, `pushState`, `replaceState`, `popstate`, `hashchange` or `pz.page()`: the URL
-    /// (`location.href`) and its UTM parameters (empty: none), which may have changed.
-    Navigate(&'a [u8], [&'a [u8]; 5]),
-    /// A click on an element with `data-track="<name>"`.
-    Click(&'a [u8]),
-    /// Another tab changed the stored consent decisions.
-    ConsentSync,
-    /// A TCF decision: bit `n` set when TCF purpose `n` has consent.
-    Tcf(u16),
-    /// A Consent Mode command: `update` (else `default`) and the granted / denied key bits
-    /// (see [`signals::GCM_KEYS`]).
-    Gcm(bool, u8, u8),
-    /// `pz.flush()`.
-    Flush,
-    /// `pz.reset()`: a new anonymous id and session, no user id.
-    Reset,
 }
 
 /// The tracker's whole state.
@@ -127,8 +94,8 @@ pub struct Tracker {
 
 impl Tracker {
     /// Starts tracking with `cfg`: restores consent decisions and, where storage is allowed,
-    /// the ids, the session and the queues that closed tabs left. The first
-    /// [`Signal::Navigate`] records the first page view.
+    /// the ids, the session and the queues that closed tabs left. The first navigation
+    /// message records the first page view.
     pub fn new(mut cfg: Config, env: &mut impl Env) -> Tracker {
         let now = env.now();
         let mut consent = Consent::default();
@@ -164,16 +131,46 @@ impl Tracker {
         t
     }
 
-    /// Handles a message from the loader.
-    pub fn signal(&mut self, env: &mut impl Env, signal: Signal<'_>) -> f64 {
+    /// Handles a message from the loader (see [`msg`]; `init` and `debug` are for the
+    /// caller). Returns when the next tick is due.
+    pub fn handle(&mut self, env: &mut impl Env, message: &[u8]) -> f64 {
         let now = env.now();
-        match signal {
-            Signal::Tick => return self.tick(env),
-            Signal::Event(e) => self.api_event(env, e, now),
-            Signal::Consent(u) => self.apply_consent(env, u, true, b"api", now),
-            Signal::Hidden => self.hide(env, now, false),
-            Signal::PageHide => self.hide(env, now, true),
-            Signal::Visible => {
+        let mut r = Reader(message);
+        match msg::kind(&mut r) {
+            msg::EVENT => {
+                if let Some(e) = msg::event(&mut r) {
+                    self.api_event(env, e, now);
+                }
+            }
+            msg::NAVIGATION => {
+                let (url, utm) = msg::navigation(&mut r);
+                self.navigate(env, url, utm, now);
+            }
+            msg::CONSENT => self.apply_consent(env, msg::update(&mut r), true, b"api", now),
+            msg::TCF => {
+                let u = signals::tcf(r.int() as u16);
+                self.apply_consent(env, u, true, b"tcf", now);
+            }
+            kind @ (msg::GCM_DEFAULT | msg::GCM_UPDATE) => {
+                let (granted, denied) = msg::bits(&mut r);
+                let u = self.gcm.command(granted, denied);
+                self.apply_consent(env, u, kind == msg::GCM_UPDATE, b"gcm", now);
+            }
+            msg::CLICK => {
+                let name = r.text();
+                if self.cfg.track_clicks && !name.is_empty() {
+                    let mut ev = self.event(env, EventKind::Track, now);
+                    ev.head.name = Some(name);
+                    self.record(&ev);
+                }
+            }
+            msg::ANSWER => {
+                let (seq, status, retry_after) = msg::answer(&mut r);
+                return self.done(env, seq, status, retry_after);
+            }
+            msg::TICK => return self.tick(env),
+            msg::HIDDEN => self.hide(env, now, false),
+            msg::VISIBLE => {
                 if self.visible_since.is_none() {
                     self.visible_since = Some(now);
                 }
@@ -181,28 +178,16 @@ impl Tracker {
                 self.dirty = true;
                 self.sync_session(env);
             }
-            Signal::Navigate(url, utm) => self.navigate(env, url, utm, now),
-            Signal::Click(name) => {
-                if self.cfg.track_clicks && !name.is_empty() {
-                    let mut ev = self.event(env, EventKind::Track, now);
-                    ev.head.name = Some(name);
-                    self.record(&ev);
-                }
-            }
-            Signal::ConsentSync => {
+            msg::PAGEHIDE => self.hide(env, now, true),
+            msg::CONSENT_SYNC => {
                 let before = self.consent;
                 if let Some(stored) = env.get(persist::CONSENT_KEY) {
                     self.consent.load_decisions(&stored);
                 }
                 self.consent_moved(env, before, now);
             }
-            Signal::Tcf(bits) => self.apply_consent(env, signals::tcf(bits), true, b"tcf", now),
-            Signal::Gcm(update, granted, denied) => {
-                let u = self.gcm.command(granted, denied);
-                self.apply_consent(env, u, update, b"gcm", now);
-            }
-            Signal::Flush => self.forced = true,
-            Signal::Reset => {
+            msg::FLUSH => self.forced = true,
+            msg::RESET => {
                 self.anonymous_id = text::uuid(random(env));
                 self.session = Session::default();
                 self.user_id.clear();
@@ -211,6 +196,7 @@ impl Tracker {
                 self.refresh_ctx();
                 self.dirty = true;
             }
+            _ => return NO_TICK,
         }
         self.next_tick(now)
     }
@@ -481,7 +467,7 @@ impl Tracker {
             budget -= body.len();
         }
         // Browsers fire `pagehide` before the last `visibilitychange`: a page that has gone
-        // stays gone until `pageshow` (Signal::Visible) brings it back.
+        // stays gone until `pageshow` (a visible message) brings it back.
         self.closed |= closed;
         self.save(env, now);
     }

@@ -5,8 +5,8 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::rc::Rc;
 
-use tracker_wasm::msg::{self, Msg};
-use tracker_wasm::{Env, Signal, Storage, Tracker};
+use tracker_wasm::msg::{self, Reader};
+use tracker_wasm::{Env, Storage, Tracker};
 use wire::{Batch, EventKind, Value};
 
 type Shared = Rc<RefCell<BTreeMap<Vec<u8>, Vec<u8>>>>;
@@ -77,7 +77,7 @@ impl Env for Browser {
 struct W(Vec<u8>);
 
 impl W {
-    fn new(kind: u8) -> W {
+    fn new(kind: u32) -> W {
         W(Vec::new()).num(f64::from(kind))
     }
     fn num(mut self, n: f64) -> W {
@@ -91,16 +91,13 @@ impl W {
     }
     /// Hands the message to the tracker.
     fn to(self, t: &mut Tracker, b: &mut Browser) -> f64 {
-        match msg::parse(&self.0) {
-            Some(Msg::Signal(s)) => t.signal(b, s),
-            other => panic!("not a signal: {other:?}"),
-        }
+        t.handle(b, &self.0)
     }
 }
 
 /// An init message with `granted` and `denied` as the consent defaults.
 fn init(b: &mut Browser, granted: u8, denied: u8, flush_at: u32) -> Tracker {
-    let mut w = W::new(1)
+    let mut w = W::new(msg::INIT)
         .text("demo")
         .text("https://ref.example/")
         .text("en-GB")
@@ -119,19 +116,18 @@ fn init(b: &mut Browser, granted: u8, denied: u8, flush_at: u32) -> Tracker {
     ] {
         w = w.num(n);
     }
-    let Some(Msg::Init(cfg)) = msg::parse(&w.0) else {
-        panic!("bad init message");
-    };
-    Tracker::new(cfg, b)
+    let mut r = Reader(&w.0);
+    assert_eq!(msg::kind(&mut r), msg::INIT);
+    Tracker::new(msg::init(&mut r), b)
 }
 
 fn nav(t: &mut Tracker, b: &mut Browser, url: &str) -> f64 {
-    W::new(3).text(url).to(t, b)
+    W::new(msg::NAVIGATION).text(url).to(t, b)
 }
 
 /// `pz.track(name, {n: 1})`.
 fn track(t: &mut Tracker, b: &mut Browser, name: &str) -> f64 {
-    W::new(2)
+    W::new(msg::EVENT)
         .num(1.0)
         .num(0.0)
         .text(name)
@@ -177,10 +173,10 @@ fn count(t: &Tracker, name: &str) -> u32 {
 }
 
 fn consent(t: &mut Tracker, b: &mut Browser, grant: u8, deny: u8) -> f64 {
-    t.signal(
-        b,
-        Signal::Consent(tracker_wasm::consent::Update { grant, deny }),
-    )
+    W::new(msg::CONSENT)
+        .num(f64::from(grant))
+        .num(f64::from(deny))
+        .to(t, b)
 }
 
 /// Runs the timer at `after` ms from now.
@@ -390,8 +386,8 @@ fn a_closed_page_beacons_and_the_next_page_sends_what_may_be_lost() {
     track(&mut t, &mut b, "clicked");
     b.now += 2000.0;
     // The order browsers use when a page unloads.
-    t.signal(&mut b, Signal::PageHide);
-    t.signal(&mut b, Signal::Hidden);
+    W::new(msg::PAGEHIDE).to(&mut t, &mut b);
+    W::new(msg::HIDDEN).to(&mut t, &mut b);
     let sent = b.take_sent();
     assert_eq!(sent.len(), 1);
     assert_eq!(sent[0].1, 0, "a beacon");
@@ -444,7 +440,7 @@ fn spa_navigation_counts_each_new_url_once_and_page_names_the_automatic_view() {
     let mut t = init(&mut b, 2, 0, 100);
     nav(&mut t, &mut b, "https://shop.example/");
     // pz.page('Home', {section: 'top'}) right after: it names the automatic view.
-    W::new(2)
+    W::new(msg::EVENT)
         .num(0.0)
         .num(0.0)
         .text("Home")
@@ -464,7 +460,7 @@ fn spa_navigation_counts_each_new_url_once_and_page_names_the_automatic_view() {
     ] {
         nav(&mut t, &mut b, url);
     }
-    t.signal(&mut b, Signal::Flush);
+    W::new(msg::FLUSH).to(&mut t, &mut b);
     let sent = drain(&mut t, &mut b);
     let pages: Vec<(Option<String>, Option<String>)> = sent
         .iter()
