@@ -72,14 +72,26 @@ impl Stored {
         v
     }
 
-    /// Reads a stored queue; `None` when it is not one (another format, or damaged).
+    /// Reads a stored queue; `None` when it is not one (another format, or damaged). Its
+    /// events are neither in flight nor held back: requests and beacons belong to the tab
+    /// that made them, and another tab sends the events again (the collector drops
+    /// duplicates by message id).
     pub fn decode(stored: &[u8]) -> Option<Stored> {
         let (&[format, closed], rest) = stored.split_first_chunk::<2>()?;
         let (written, records) = rest.split_first_chunk::<8>()?;
-        (format == FORMAT && Queue::valid(records)).then(|| Stored {
+        if format != FORMAT || !Queue::valid(records) {
+            return None;
+        }
+        let mut queue = Queue(records.to_vec());
+        queue.update(&mut |h, _, _| {
+            h.seq = 0;
+            h.hold = 0.0;
+            true
+        });
+        Some(Stored {
             closed: closed != 0,
             written: f64::from_le_bytes(*written),
-            queue: Queue(records.to_vec()),
+            queue,
         })
     }
 }
@@ -114,15 +126,6 @@ fn lease(v: &[u8]) -> Option<(&[u8], f64)> {
     Some((owner, f64::from_le_bytes(*until.first_chunk()?)))
 }
 
-/// Gives the lease back if the tab with queue key `own` holds it.
-pub fn unlock(s: &mut impl Storage, own: &[u8]) {
-    if let Some(held) = s.get(LOCK_KEY)
-        && lease(&held).map(|(owner, _)| owner) == Some(own)
-    {
-        s.remove(LOCK_KEY);
-    }
-}
-
 fn is_separator(b: &u8) -> bool {
     *b == 0x1f
 }
@@ -148,8 +151,8 @@ fn others(s: &mut impl Storage, own: &[u8], f: &mut dyn FnMut(&mut Stored) -> Op
     }
 }
 
-/// Takes over the queues of tabs that have gone: returns their events (in flight or held
-/// back no more) and removes their keys. Does nothing when another tab holds the lease.
+/// Takes over the queues of tabs that have gone: returns their events and removes their
+/// keys. Does nothing when another tab holds the lease.
 pub fn adopt(s: &mut impl Storage, own: &[u8], now: f64) -> Queue {
     let mut out = Queue::default();
     if !lock(s, own, now) {
@@ -159,15 +162,13 @@ pub fn adopt(s: &mut impl Storage, own: &[u8], now: f64) -> Queue {
         if !stored.closed && now - stored.written <= STALE_MS {
             return None;
         }
-        stored.queue.update(&mut |h, _, _| {
-            h.seq = 0;
-            h.hold = 0.0;
-            true
-        });
         out.0.extend_from_slice(&stored.queue.0);
         Some(false)
     });
-    unlock(s, own);
+    // The lease is given back at once: it is held only while this call runs, which nothing
+    // in this page can interrupt. (A tab whose lease was overwritten meanwhile has lost the
+    // race either way.)
+    s.remove(LOCK_KEY);
     out
 }
 
@@ -247,7 +248,14 @@ mod tests {
 
     #[test]
     fn queues_round_trip_and_damaged_ones_are_refused() {
-        let s = stored(queue(&[1, 2], 2), true, 1_700_000_000_123.0);
+        let mut q = queue(&[1, 2], 2);
+        // Stored events are read back neither in flight nor held back.
+        q.update(&mut |h, _, _| {
+            h.seq = 0;
+            h.hold = 0.0;
+            true
+        });
+        let s = stored(q, true, 1_700_000_000_123.0);
         let bytes = s.encode();
         let record = s.queue.head(0).unwrap().len;
         assert_eq!(Stored::decode(&bytes), Some(s));
@@ -269,11 +277,15 @@ mod tests {
         assert!(lock(&mut s, b"pz_q_a", 1000.0));
         assert!(!lock(&mut s, b"pz_q_b", 1000.0 + LOCK_MS - 1.0));
         assert!(lock(&mut s, b"pz_q_a", 2000.0));
-        unlock(&mut s, b"pz_q_b");
-        assert!(s.get(LOCK_KEY).is_some());
-        unlock(&mut s, b"pz_q_a");
-        assert!(lock(&mut s, b"pz_q_b", 2000.0));
-        assert!(lock(&mut s, b"pz_q_a", 2000.0 + LOCK_MS + 1.0));
+        assert!(lock(&mut s, b"pz_q_b", 2000.0 + LOCK_MS + 1.0));
+        // Adopting takes the lease and gives it back.
+        assert!(
+            adopt(&mut s, b"pz_q_c", 2000.0).is_empty(),
+            "b holds the lease"
+        );
+        s.remove(LOCK_KEY);
+        adopt(&mut s, b"pz_q_c", 2000.0);
+        assert_eq!(s.get(LOCK_KEY), None);
     }
 
     #[test]
@@ -298,7 +310,7 @@ mod tests {
         // Another page holds the lease: nothing is adopted.
         assert!(lock(&mut s, b"pz_q_busy", now));
         assert!(adopt(&mut s, b"pz_q_new", now).is_empty());
-        unlock(&mut s, b"pz_q_busy");
+        s.remove(LOCK_KEY);
 
         let got = adopt(&mut s, b"pz_q_new", now);
         assert_eq!(ids(&got), [3, 4]);

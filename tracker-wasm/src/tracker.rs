@@ -433,13 +433,14 @@ impl Tracker {
             self.visible_since = Some(now);
         }
         self.report_engaged(env, now);
-        let previous = mem::replace(&mut self.url, url.to_vec());
-        if !previous.is_empty() {
-            self.referrer = previous;
+        // The previous URL is the referrer; buffers are reused, not replaced.
+        if !self.url.is_empty() {
+            mem::swap(&mut self.referrer, &mut self.url);
         }
+        copy(&mut self.url, url);
         if utm.iter().any(|u| !u.is_empty()) {
             for (d, s) in self.utm.iter_mut().zip(utm) {
-                *d = s.to_vec();
+                copy(d, s);
             }
         }
         self.refresh_ctx();
@@ -634,6 +635,12 @@ impl Tracker {
             next.max(0.0)
         }
     }
+}
+
+/// Makes `to` a copy of `from`, in its own buffer.
+fn copy(to: &mut Vec<u8>, from: &[u8]) {
+    to.clear();
+    to.extend_from_slice(from);
 }
 
 /// `N` random bytes.
