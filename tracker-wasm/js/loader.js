@@ -97,8 +97,8 @@ var H = {};
   var PLACEHOLDER = /^\s*(|0|-1|\[object object\]|anon|anonymous|distinct_id|distinctid|email|false|guest|id|n\/a|nan|nil|none|not_authenticated|null|true|undefined|unknown|user_id|userid)\s*$/i;
   function person(v) {
     var p = id(v);
-    if (!p) bad('needs a user id (1-256 bytes, no braces or control characters)');
-    else if (PLACEHOLDER.test(p)) bad('"' + p.slice(0, 40) + '" is a placeholder, not a user id');
+    if (!p) bad('needs a user id');
+    else if (PLACEHOLDER.test(p)) bad('"' + p.slice(0, 40) + '" is a placeholder');
     else return p;
   }
 
@@ -156,10 +156,10 @@ var H = {};
       var t = typeof v;
       if (!own.call(o, k) || v == null || !k) continue;
       if (t != 'string' && t != 'boolean' && !(t == 'number' && isFinite(v))) {
-        bad('property values must be strings, finite numbers or booleans');
+        bad('property values: strings, finite numbers, booleans');
         continue;
       }
-      if (list.length == 128) { bad('only the first 64 properties are kept'); break; }
+      if (list.length == 128) { bad('over 64 properties'); break; }
       list.push(k, v);
     }
     return list;
@@ -170,12 +170,12 @@ var H = {};
   function items(list) {
     var ok = [];
     if (!Array.isArray(list)) bad('items must be an array');
-    else if (list.length > 100) bad('only the first 100 items are kept');
+    else if (list.length > 100) bad('over 100 items');
     (Array.isArray(list) ? list.slice(0, 100) : []).forEach(function (o) {
       var p = o && id(o.productId);
-      if (!p) bad('an item needs a productId (a string or a whole number)');
-      else if (typeof o.price != 'number' || o.price % 1) bad('item.price must be a whole number of minor units (cents)');
-      else if (o.quantity != null && !(o.quantity >= 1 && o.quantity % 1 == 0)) bad('item.quantity must be a whole number of at least 1');
+      if (!p) bad('item without productId');
+      else if (typeof o.price != 'number' || o.price % 1) bad('item.price: whole minor units');
+      else if (o.quantity != null && !(o.quantity >= 1 && o.quantity % 1 == 0)) bad('item.quantity: whole, at least 1');
       else ok.push([p, o.category, o.price, o.quantity || 1, o.name]);
     });
     return ok;
@@ -183,7 +183,7 @@ var H = {};
 
   // kind: the wire value of the event kind; list: checked items (see items).
   function event(kind, name, props, list, user, order, revenue, currency) {
-    if (name != null && !isString(name)) { bad('the name must be a string'); name = null; }
+    if (name != null && !isString(name)) { bad('name: a string'); name = null; }
     props = properties(props);
     M(2);
     N(kind);
@@ -232,7 +232,7 @@ var H = {};
 
   var api = {
     init: function (o) {
-      if (ready) return bad('already initialised; later calls are ignored');
+      if (ready) return bad('called twice');
       if (!o || !isString(o.writeKey) || !o.writeKey || !isString(o.endpoint) || !o.endpoint) {
         return bad('needs {writeKey, endpoint}');
       }
@@ -246,12 +246,12 @@ var H = {};
         var v = defaults[p];
         if (v === true || v == 'granted') granted |= 1 << i;
         else if (v === false || v == 'denied') denied |= 1 << i;
-        else if (v != null && v != 'pending') bad('consentDefaults values are true, false, "granted", "denied" or "pending"');
+        else if (v != null && v != 'pending') bad('bad consentDefaults.' + p);
       });
       for (var k in purposes) {
         var i = KINDS.indexOf(k);
         var j = PURPOSES.indexOf(purposes[k]);
-        if (i < 0 || j < 0) bad('purposes maps event kinds (' + KINDS.join(', ') + ') to purposes (' + PURPOSES.join(', ') + ')');
+        if (i < 0 || j < 0) bad('bad purposes.' + k);
         else map[i] = j;
       }
       try { tz = Intl.DateTimeFormat().resolvedOptions().timeZone; } catch (e) { /* old browser */ }
@@ -274,7 +274,7 @@ var H = {};
     },
     page: function (name, props) { location_(); event(0, name, props); },
     track: function (name, props) {
-      if (!isString(name) || !name) return bad('needs an event name (a string)');
+      if (!isString(name) || !name) return bad('needs a name');
       event(1, name, props);
     },
     identify: function (user, traits) {
@@ -293,18 +293,18 @@ var H = {};
       var order = o && id(o.orderId);
       if (!order) return bad('needs {orderId, revenue, currency, items}');
       if (typeof o.revenue != 'number' || o.revenue % 1) {
-        return bad('revenue must be a whole number of minor units (cents)');
+        return bad('revenue: whole minor units');
       }
       event(9, null, null, o.items == null ? [] : items(o.items), '', order, o.revenue, o.currency);
     },
     consent: function (o) {
       var granted = 0;
       var denied = 0;
-      if (!o || typeof o != 'object') return bad('takes an object like {analytics: true}');
+      if (!o || typeof o != 'object') return bad('needs an object');
       PURPOSES.forEach(function (p, i) {
         if (o[p] === true) granted |= 1 << i;
         else if (o[p] === false) denied |= 1 << i;
-        else if (o[p] != null) bad('values are true (granted) or false (denied)');
+        else if (o[p] != null) bad('values: true or false');
       });
       send(4, granted, denied);
     },
@@ -317,7 +317,7 @@ var H = {};
     if (!ready && name != 'init') return early.push([name, args, ts]);
     now = ts || Date.now();
     current = name;
-    try { api[name].apply(0, args); } catch (e) { warn(name + ': could not be recorded'); }
+    try { api[name].apply(0, args); } catch (e) { warn(name + ': failed'); }
   }
 
   function listen() {
@@ -470,6 +470,6 @@ var H = {};
     pz.userId = function () { var d = pz.debug(); return d && d.userId; };
     for (var i = 0; i < queued.length; i++) pz.q.push(queued[i]);
   }, function () {
-    warn('the tracker could not be loaded');
+    warn('could not load');
   });
 })(window, document, navigator);
