@@ -37,7 +37,7 @@ use wire::{EventKind, Purpose};
 
 use crate::batch::Policy;
 use crate::consent::Update;
-use crate::session;
+use crate::{session, text};
 
 /// `pz.init`: [`init`].
 pub const INIT: u32 = 1;
@@ -241,10 +241,10 @@ pub fn answer(r: &mut Reader<'_>) -> (u32, u16, f64) {
 /// The settings: numbers out of range fall back to the defaults.
 pub fn init(r: &mut Reader<'_>) -> Config {
     let mut c = Config {
-        write_key: r.text().to_vec(),
-        referrer: r.text().to_vec(),
-        locale: r.text().to_vec(),
-        timezone: r.text().to_vec(),
+        write_key: text::copied(r.text()),
+        referrer: text::copied(r.text()),
+        locale: text::copied(r.text()),
+        timezone: text::copied(r.text()),
         session_timeout: session::DEFAULT_TIMEOUT_MS,
         ..Config::default()
     };

@@ -13,6 +13,7 @@
 use alloc::vec::Vec;
 
 use crate::queue::Queue;
+use crate::text;
 
 /// The anonymous id (only while analytics or personalization is granted).
 pub const ANON_KEY: &[u8] = b"pz_a";
@@ -64,9 +65,7 @@ pub struct Stored {
 impl Stored {
     /// The stored form: `[format][closed][written: little-endian double]`, then the records.
     pub fn encode(&self) -> Vec<u8> {
-        let mut v = Vec::with_capacity(10 + self.queue.0.len());
-        v.push(FORMAT);
-        v.push(u8::from(self.closed));
+        let mut v = text::copied(&[FORMAT, u8::from(self.closed)]);
         v.extend_from_slice(&self.written.to_le_bytes());
         v.extend_from_slice(&self.queue.0);
         v
@@ -82,7 +81,7 @@ impl Stored {
         if format != FORMAT || !Queue::valid(records) {
             return None;
         }
-        let mut queue = Queue(records.to_vec());
+        let mut queue = Queue(text::copied(records));
         queue.update(&mut |h, _, _| {
             h.seq = 0;
             h.hold = 0.0;
@@ -115,7 +114,7 @@ pub fn lock(s: &mut impl Storage, own: &[u8], now: f64) -> bool {
     {
         return false;
     }
-    let mut mine = own.to_vec();
+    let mut mine = text::copied(own);
     mine.extend_from_slice(&(now + LOCK_MS).to_le_bytes());
     s.set(LOCK_KEY, &mine) && s.get(LOCK_KEY) == Some(mine)
 }

@@ -13,7 +13,6 @@
 //! the loader keeps them aside and says how many there are, the wasm allocates that much and
 //! asks the loader to copy them in (`H.c`).
 
-use alloc::vec;
 use alloc::vec::Vec;
 use core::cell::RefCell;
 
@@ -97,8 +96,11 @@ extern "C" {
 }
 
 /// The `n` bytes the loader set aside; `None` for a negative `n`.
+// `resize`, not `vec![0; n]`: one way to grow a buffer in the wasm (see `text::copied`).
+#[allow(clippy::slow_vector_initialization)]
 fn take(n: i32) -> Option<Vec<u8>> {
-    let mut buf = vec![0; usize::try_from(n).ok()?];
+    let mut buf = Vec::new();
+    buf.resize(usize::try_from(n).ok()?, 0);
     pull(&mut buf);
     Some(buf)
 }

@@ -33,19 +33,27 @@ pub fn push_u64(out: &mut Vec<u8>, mut n: u64) {
 /// Appends `bytes` as lowercase hex.
 pub fn push_hex(out: &mut Vec<u8>, bytes: &[u8]) {
     for &b in bytes {
-        out.push(HEX[usize::from(b >> 4)]);
-        out.push(HEX[usize::from(b & 15)]);
+        out.extend_from_slice(&[HEX[usize::from(b >> 4)], HEX[usize::from(b & 15)]]);
     }
+}
+
+/// `b` in a buffer of its own. Every buffer of the tracker grows by `extend_from_slice` (or
+/// `resize` with zeros), never `to_vec`, `push`, `with_capacity` or `vec!`: each of those is
+/// its own allocation code in the wasm.
+pub fn copied(b: &[u8]) -> Vec<u8> {
+    let mut v = Vec::new();
+    v.extend_from_slice(b);
+    v
 }
 
 /// A random (version 4) UUID in its usual 36-character form, from 16 random bytes.
 pub fn uuid(mut b: [u8; 16]) -> Vec<u8> {
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
-    let mut s = Vec::with_capacity(36);
+    let mut s = Vec::new();
     for (i, byte) in b.iter().enumerate() {
         if matches!(i, 4 | 6 | 8 | 10) {
-            s.push(b'-');
+            s.extend_from_slice(b"-");
         }
         push_hex(&mut s, &[*byte]);
     }

@@ -104,7 +104,7 @@ impl Tracker {
         }
         consent.set_default(cfg.defaults);
         consent.set_default(signals::gpc(cfg.gpc));
-        let mut key = persist::QUEUE_PREFIX.to_vec();
+        let mut key = text::copied(persist::QUEUE_PREFIX);
         text::push_hex(&mut key, &random::<8>(env));
         let mut t = Tracker {
             consent,
@@ -281,22 +281,22 @@ impl Tracker {
             self.backoff.attempts(),
         ] {
             text::push_u64(&mut out, u64::from(n));
-            out.push(0x1f);
+            out.extend_from_slice(b"\x1f");
         }
         for i in 0..4 {
-            out.push(match self.consent.state(1 << i) {
-                State::Granted => b'g',
-                State::Denied => b'd',
-                State::Pending => b'p',
+            out.extend_from_slice(match self.consent.state(1 << i) {
+                State::Granted => b"g",
+                State::Denied => b"d",
+                State::Pending => b"p",
             });
         }
-        out.push(b'0' + u8::from(self.consent.storage_allowed()));
-        out.push(0x1f);
+        let persistent = self.consent.storage_allowed();
+        out.extend_from_slice(if persistent { b"1\x1f" } else { b"0\x1f" });
         if let Some(e) = self.error {
             text::push_u64(&mut out, u64::from(e));
         }
         for id in [&self.anonymous_id, &self.user_id, &self.session.id()] {
-            out.push(0x1f);
+            out.extend_from_slice(b"\x1f");
             out.extend_from_slice(id);
         }
         out
@@ -327,7 +327,7 @@ impl Tracker {
                 let Some(user) = ev.head.user_id else {
                     return;
                 };
-                let before = mem::replace(&mut self.user_id, user.to_vec());
+                let before = mem::replace(&mut self.user_id, text::copied(user));
                 previous = if before.is_empty() {
                     self.anonymous_id.clone()
                 } else {

@@ -278,7 +278,7 @@ pub fn assemble<'a>(
     context: &[u8],
     events: impl ExactSizeIterator<Item = &'a [u8]>,
 ) -> Vec<u8> {
-    let mut w = Writer(Vec::with_capacity(256 + context.len()));
+    let mut w = Writer(Vec::new());
     w.0.extend_from_slice(&[0, 0, 0, 0, b'P', b'E', b'B', b'1']);
     let t = w.table(0, &BATCH);
     w.opt(t, 0, Some(write_key));
@@ -368,15 +368,21 @@ struct Writer(Vec<u8>);
 impl Writer {
     /// A piece (see the module docs): its first 4 bytes will point at its table.
     fn piece() -> Writer {
-        let mut w = Writer(Vec::with_capacity(128));
+        let mut w = Writer(Vec::new());
         w.0.extend_from_slice(&[0; 4]);
         w
     }
 
+    // Zeros are added with `resize` and bytes with `extend_from_slice` only, never `push`:
+    // each way of growing a vector is its own code in the browser tracker's wasm.
+
     fn pad(&mut self, align: usize) {
-        while !self.0.len().is_multiple_of(align) {
-            self.0.push(0);
-        }
+        self.0.resize(self.0.len().next_multiple_of(align), 0);
+    }
+
+    /// Pads to 4 mod 8, where a table (or a piece's table) starts.
+    fn pad_table(&mut self) {
+        self.0.resize((self.0.len() + 4).next_multiple_of(8) - 4, 0);
     }
 
     fn put(&mut self, at: usize, bytes: &[u8]) {
@@ -405,9 +411,7 @@ impl Writer {
         for &f in fields {
             self.0.extend_from_slice(&[f, 0]);
         }
-        while self.0.len() % 8 != 4 {
-            self.0.push(0);
-        }
+        self.pad_table();
         let at = self.0.len();
         self.patch(parent);
         self.0.resize(at + usize::from(*size), 0);
@@ -460,9 +464,7 @@ impl Writer {
 
     /// Copies a piece (see the module docs) and points `parent` at its table.
     fn place(&mut self, parent: usize, piece: &[u8]) {
-        while self.0.len() % 8 != 4 {
-            self.0.push(0);
-        }
+        self.pad_table();
         // Where the piece's first byte would be: a multiple of 8, as when it was written.
         let base = self.0.len() - 4;
         let table = u32_at(piece, 0).unwrap_or(0) as usize;
@@ -476,7 +478,7 @@ impl Writer {
         self.patch(parent);
         self.0.extend_from_slice(&(s.len() as u32).to_le_bytes());
         self.0.extend_from_slice(s);
-        self.0.push(0);
+        self.0.extend_from_slice(&[0]);
     }
 
     fn context(&mut self, parent: usize, c: &ContextRef<'_>) {
