@@ -41,6 +41,9 @@ pub struct Backoff {
 }
 
 impl Backoff {
+    /// No failure yet.
+    pub const NONE: Backoff = Backoff { attempt: 0 };
+
     /// Failed tries since the last success.
     pub fn attempts(&self) -> u32 {
         self.attempt

@@ -23,15 +23,20 @@ pub struct Policy {
     pub max_bytes: usize,
 }
 
+impl Policy {
+    /// The defaults.
+    pub const DEFAULT: Policy = Policy {
+        flush_at: 20,
+        flush_bytes: 12 * 1024,
+        interval_ms: 1000.0,
+        max_events: 500,
+        max_bytes: 24 * 1024,
+    };
+}
+
 impl Default for Policy {
     fn default() -> Self {
-        Policy {
-            flush_at: 20,
-            flush_bytes: 12 * 1024,
-            interval_ms: 1000.0,
-            max_events: 500,
-            max_bytes: 24 * 1024,
-        }
+        Policy::DEFAULT
     }
 }
 

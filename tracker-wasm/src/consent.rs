@@ -73,6 +73,14 @@ pub struct Consent {
 }
 
 impl Consent {
+    /// Nothing decided, no defaults: everything but `necessary` pending.
+    pub const NONE: Consent = Consent {
+        decided_granted: 0,
+        decided_denied: 0,
+        default_granted: 0,
+        default_denied: 0,
+    };
+
     /// Purposes granted now (always includes `necessary`).
     pub fn granted(&self) -> u8 {
         let decided = self.decided_granted | self.decided_denied;

@@ -37,7 +37,7 @@ use wire::{EventKind, Purpose};
 
 use crate::batch::Policy;
 use crate::consent::Update;
-use crate::{session, text};
+use crate::session;
 
 /// `pz.init`: [`init`].
 pub const INIT: u32 = 1;
@@ -127,7 +127,7 @@ impl<'a> Reader<'a> {
 }
 
 /// Settings from `pz.init` and facts about the page.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     /// The site's write key.
     pub write_key: Vec<u8>,
@@ -153,6 +153,30 @@ pub struct Config {
     pub timezone: Vec<u8>,
     /// `screen.width`, `screen.height`.
     pub screen: (u16, u16),
+}
+
+impl Config {
+    /// The defaults, before `init` is read.
+    pub const DEFAULT: Config = Config {
+        write_key: Vec::new(),
+        policy: Policy::DEFAULT,
+        session_timeout: session::DEFAULT_TIMEOUT_MS,
+        track_clicks: false,
+        purposes: LEAST_PURPOSES,
+        defaults: Update { grant: 0, deny: 0 },
+        gpc: false,
+        visible: false,
+        referrer: Vec::new(),
+        locale: Vec::new(),
+        timezone: Vec::new(),
+        screen: (0, 0),
+    };
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config::DEFAULT
+    }
 }
 
 /// An event as the loader sends it: the fields borrowed, the lists still in message form,
@@ -238,16 +262,17 @@ pub fn answer(r: &mut Reader<'_>) -> (u32, u16, f64) {
     (r.int(), r.int() as u16, r.num())
 }
 
-/// The settings: numbers out of range fall back to the defaults.
-pub fn init(r: &mut Reader<'_>) -> Config {
-    let mut c = Config {
-        write_key: text::copied(r.text()),
-        referrer: text::copied(r.text()),
-        locale: text::copied(r.text()),
-        timezone: text::copied(r.text()),
-        session_timeout: session::DEFAULT_TIMEOUT_MS,
-        ..Config::default()
-    };
+/// The settings, read into `c` (which holds the defaults): numbers out of range keep them.
+/// In place, because moving a `Config` around costs more code than reading it.
+pub fn init(r: &mut Reader<'_>, c: &mut Config) {
+    for t in [
+        &mut c.write_key,
+        &mut c.referrer,
+        &mut c.locale,
+        &mut c.timezone,
+    ] {
+        t.extend_from_slice(r.text());
+    }
     let mut within = |lo: f64, hi: f64| {
         let v = r.num();
         (v >= lo && v <= hi).then_some(v)
@@ -271,7 +296,6 @@ pub fn init(r: &mut Reader<'_>) -> Config {
     c.visible = r.num() == 1.0;
     let mut dim = || r.int().min(65535) as u16;
     c.screen = (dim(), dim());
-    c.purposes = LEAST_PURPOSES;
     for (i, p) in c.purposes.iter_mut().enumerate() {
         let v = r.num();
         if v >= 0.0
@@ -281,7 +305,6 @@ pub fn init(r: &mut Reader<'_>) -> Config {
             *p = set;
         }
     }
-    c
 }
 
 /// Each event kind's least purpose, by wire value: the default declared purposes.
@@ -507,7 +530,8 @@ mod tests {
         }
         let mut r = Reader(&w.0);
         assert_eq!(kind(&mut r), INIT);
-        let cfg = init(&mut r);
+        let mut cfg = Config::DEFAULT;
+        init(&mut r, &mut cfg);
         assert_eq!(cfg.write_key, b"demo");
         assert_eq!(cfg.referrer, b"https://ref.example/");
         assert_eq!(

@@ -167,7 +167,7 @@ pub fn m(len: u32) -> f64 {
     let mut r = msg::Reader(&message);
     match (msg::kind(&mut r), tracker.as_mut()) {
         (msg::INIT, None) => {
-            *tracker = Some(Tracker::new(msg::init(&mut r), browser));
+            tracker.insert(Tracker::EMPTY).start(&mut r, browser);
             0.0
         }
         (msg::DEBUG, Some(t)) => {

@@ -64,6 +64,12 @@ pub struct Gcm {
 }
 
 impl Gcm {
+    /// No command seen yet.
+    pub const NONE: Gcm = Gcm {
+        granted: 0,
+        denied: 0,
+    };
+
     /// Merges one command (bit `i` of `granted`/`denied`: key `GCM_KEYS[i]` is
     /// `'granted'`/`'denied'`) and returns the state for the purposes it speaks about:
     /// analytics from `analytics_storage`, personalization from `personalization_storage`,

@@ -54,7 +54,7 @@ pub trait Env: Storage {
 }
 
 /// The tracker's whole state.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Tracker {
     cfg: Config,
     consent: Consent,
@@ -93,42 +93,73 @@ pub struct Tracker {
 }
 
 impl Tracker {
-    /// Starts tracking with `cfg`: restores consent decisions and, where storage is allowed,
+    /// A tracker before `init`: every setting at its default, nothing recorded. A
+    /// constant, so that it is copied into place rather than built field by field.
+    pub const EMPTY: Tracker = Tracker {
+        cfg: Config::DEFAULT,
+        consent: Consent::NONE,
+        gcm: Gcm::NONE,
+        key: Vec::new(),
+        anonymous_id: Vec::new(),
+        user_id: Vec::new(),
+        session: Session {
+            start: 0.0,
+            last: 0.0,
+        },
+        url: Vec::new(),
+        referrer: Vec::new(),
+        utm: [const { Vec::new() }; 5],
+        last_view: None,
+        visible_since: None,
+        engaged_ms: 0.0,
+        ctx: Vec::new(),
+        queue: Queue(Vec::new()),
+        held: Queue(Vec::new()),
+        dropped: 0,
+        held_dropped: 0,
+        consent_dropped: 0,
+        sent: 0,
+        seq: 0,
+        in_flight: 0,
+        backoff: Backoff::NONE,
+        retry_at: 0.0,
+        forced: false,
+        dirty: false,
+        closed: false,
+        saved_at: 0.0,
+        error: None,
+    };
+
+    /// Starts an [`EMPTY`](Self::EMPTY) tracker with the settings of an `init` message
+    /// (`r` is past its type): restores consent decisions and, where storage is allowed,
     /// the ids, the session and the queues that closed tabs left. The first navigation
     /// message records the first page view.
-    pub fn new(mut cfg: Config, env: &mut impl Env) -> Tracker {
+    pub fn start(&mut self, r: &mut Reader<'_>, env: &mut impl Env) {
+        msg::init(r, &mut self.cfg);
         let now = env.now();
-        let mut consent = Consent::default();
+        let c = &mut self.consent;
         if let Some(stored) = env.get(persist::CONSENT_KEY) {
-            consent.load_decisions(&stored);
+            c.load_decisions(&stored);
         }
-        consent.set_default(cfg.defaults);
-        consent.set_default(signals::gpc(cfg.gpc));
-        let mut key = text::copied(persist::QUEUE_PREFIX);
-        text::push_hex(&mut key, &random::<8>(env));
-        let mut t = Tracker {
-            consent,
-            key,
-            anonymous_id: text::uuid(random(env)),
-            referrer: mem::take(&mut cfg.referrer),
-            visible_since: cfg.visible.then_some(now),
-            cfg,
-            ..Tracker::default()
-        };
-        if t.consent.storage_allowed() {
+        c.set_default(self.cfg.defaults);
+        c.set_default(signals::gpc(self.cfg.gpc));
+        self.key.extend_from_slice(persist::QUEUE_PREFIX);
+        text::push_hex(&mut self.key, &random::<8>(env));
+        self.anonymous_id = text::uuid(random(env));
+        mem::swap(&mut self.referrer, &mut self.cfg.referrer);
+        self.visible_since = self.cfg.visible.then_some(now);
+        if self.consent.storage_allowed() {
             if let Some(id) = env.get(persist::ANON_KEY).filter(|s| text::is_id(s)) {
-                t.anonymous_id = id;
+                self.anonymous_id = id;
             }
-            t.user_id = env
-                .get(persist::USER_KEY)
-                .filter(|s| text::is_id(s))
-                .unwrap_or_default();
-            t.sync_session(env);
-            t.store_ids(env);
-            t.adopt(env, now);
+            if let Some(id) = env.get(persist::USER_KEY).filter(|s| text::is_id(s)) {
+                self.user_id = id;
+            }
+            self.sync_session(env);
+            self.store_ids(env);
+            self.adopt(env, now);
         }
-        t.refresh_ctx();
-        t
+        self.refresh_ctx();
     }
 
     /// Handles a message from the loader (see [`msg`]; `init` and `debug` are for the

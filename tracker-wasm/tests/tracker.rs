@@ -118,7 +118,9 @@ fn init(b: &mut Browser, granted: u8, denied: u8, flush_at: u32) -> Tracker {
     }
     let mut r = Reader(&w.0);
     assert_eq!(msg::kind(&mut r), msg::INIT);
-    Tracker::new(msg::init(&mut r), b)
+    let mut t = Tracker::EMPTY;
+    t.start(&mut r, b);
+    t
 }
 
 fn nav(t: &mut Tracker, b: &mut Browser, url: &str) -> f64 {
