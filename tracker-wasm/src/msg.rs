@@ -333,7 +333,7 @@ pub fn event<'a>(r: &mut Reader<'a>) -> Option<Ev<'a>> {
         order_id: r.opt(),
         revenue: r.i64(),
         currency: r.opt(),
-        ..EventRef::default()
+        ..EventRef::EMPTY
     };
     Some(Ev { head, lists: r.0 })
 }

@@ -10,7 +10,7 @@ use alloc::vec::Vec;
 use core::mem;
 
 use wire::EventKind;
-use wire::encode::{ContextRef, ValueRef};
+use wire::encode::{ContextRef, EventRef, ValueRef};
 
 use crate::backoff::{self, Backoff, Outcome};
 use crate::batch;
@@ -517,7 +517,10 @@ impl Tracker {
     }
 
     fn event<'a>(&mut self, env: &mut impl Env, kind: EventKind, ts: f64) -> Ev<'a> {
-        let mut ev = Ev::default();
+        let mut ev = Ev {
+            head: EventRef::EMPTY,
+            lists: &[],
+        };
         ev.head.kind = kind;
         self.stamp(env, &mut ev, ts);
         ev
