@@ -10,7 +10,7 @@ use alloc::vec::Vec;
 use core::mem;
 
 use wire::EventKind;
-use wire::encode::{ContextRef, EventRef, ValueRef};
+use wire::encode::{EventRef, ValueRef};
 
 use crate::backoff::{self, Backoff, Outcome};
 use crate::batch;
@@ -40,6 +40,18 @@ pub const ENGAGED_EVENT: &[u8] = b"page_engaged";
 /// status, 0 for a network error).
 pub const SEND_FAILED: u16 = 1;
 
+// Where each string of the page context is kept in `Tracker::text`: its field id in
+// wire's `Context` (see `wire::encode::context_texts`).
+const URL: usize = 0;
+const REFERRER: usize = 1;
+/// The five UTM parameters, from here on.
+const UTM: usize = 2;
+const LOCALE: usize = 7;
+const TIMEZONE: usize = 8;
+const SESSION: usize = 11;
+const ANON: usize = 12;
+const USER: usize = 13;
+
 /// What the tracker needs from the browser.
 pub trait Env: Storage {
     /// The time, Unix ms (`Date.now()`).
@@ -61,13 +73,11 @@ pub struct Tracker {
     gcm: Gcm,
     /// This tab's queue key (`pz_q_` and 16 random hex digits), also its name in the lease.
     key: Vec<u8>,
-    anonymous_id: Vec<u8>,
-    /// Empty: none.
-    user_id: Vec<u8>,
     session: Session,
-    url: Vec<u8>,
-    referrer: Vec<u8>,
-    utm: [Vec<u8>; 5],
+    /// The strings of the page context, by field id: the page URL (`URL`), the referrer,
+    /// the UTM parameters, locale, time zone, session id, anonymous id and user id (empty:
+    /// none). One array, so that the context is encoded by one loop.
+    text: [Vec<u8>; 14],
     /// The automatic page view of this URL, which `pz.page()` names while it is unsealed.
     last_view: Option<[u8; 16]>,
     visible_since: Option<f64>,
@@ -100,15 +110,11 @@ impl Tracker {
         consent: Consent::NONE,
         gcm: Gcm::NONE,
         key: Vec::new(),
-        anonymous_id: Vec::new(),
-        user_id: Vec::new(),
         session: Session {
             start: 0.0,
             last: 0.0,
         },
-        url: Vec::new(),
-        referrer: Vec::new(),
-        utm: [const { Vec::new() }; 5],
+        text: [const { Vec::new() }; 14],
         last_view: None,
         visible_since: None,
         engaged_ms: 0.0,
@@ -145,15 +151,21 @@ impl Tracker {
         c.set_default(signals::gpc(self.cfg.gpc));
         self.key.extend_from_slice(persist::QUEUE_PREFIX);
         text::push_hex(&mut self.key, &random::<8>(env));
-        self.anonymous_id = text::uuid(random(env));
-        mem::swap(&mut self.referrer, &mut self.cfg.referrer);
+        self.text[ANON] = text::uuid(random(env));
+        let c = &mut self.cfg;
+        for (i, s) in [
+            (REFERRER, &mut c.referrer),
+            (LOCALE, &mut c.locale),
+            (TIMEZONE, &mut c.timezone),
+        ] {
+            mem::swap(&mut self.text[i], s);
+        }
         self.visible_since = self.cfg.visible.then_some(now);
         if self.consent.storage_allowed() {
-            if let Some(id) = env.get(persist::ANON_KEY).filter(|s| text::is_id(s)) {
-                self.anonymous_id = id;
-            }
-            if let Some(id) = env.get(persist::USER_KEY).filter(|s| text::is_id(s)) {
-                self.user_id = id;
+            for (i, key) in [(ANON, persist::ANON_KEY), (USER, persist::USER_KEY)] {
+                if let Some(id) = env.get(key).filter(|s| text::is_id(s)) {
+                    self.text[i] = id;
+                }
             }
             self.sync_session(env);
             self.store_ids(env);
@@ -219,9 +231,9 @@ impl Tracker {
             }
             msg::FLUSH => self.forced = true,
             msg::RESET => {
-                self.anonymous_id = text::uuid(random(env));
+                self.text[ANON] = text::uuid(random(env));
                 self.session = Session::default();
-                self.user_id.clear();
+                self.text[USER].clear();
                 self.store_ids(env);
                 self.session.touch(now, self.cfg.session_timeout);
                 self.refresh_ctx();
@@ -326,7 +338,7 @@ impl Tracker {
         if let Some(e) = self.error {
             text::push_u64(&mut out, u64::from(e));
         }
-        for id in [&self.anonymous_id, &self.user_id, &self.session.id()] {
+        for id in [&self.text[ANON], &self.text[USER], &self.text[SESSION]] {
             out.extend_from_slice(b"\x1f");
             out.extend_from_slice(id);
         }
@@ -358,9 +370,9 @@ impl Tracker {
                 let Some(user) = ev.head.user_id else {
                     return;
                 };
-                let before = mem::replace(&mut self.user_id, text::copied(user));
+                let before = mem::replace(&mut self.text[USER], text::copied(user));
                 previous = if before.is_empty() {
-                    self.anonymous_id.clone()
+                    self.text[ANON].clone()
                 } else {
                     before
                 };
@@ -456,7 +468,7 @@ impl Tracker {
     fn navigate(&mut self, env: &mut impl Env, url: &[u8], utm: [&[u8]; 5], now: f64) {
         // pushState, replaceState, popstate and hashchange often fire together or repeat:
         // a page view is counted once per URL change.
-        if url == self.url {
+        if url == self.text[URL] {
             return;
         }
         if let Some(since) = self.visible_since {
@@ -465,12 +477,13 @@ impl Tracker {
         }
         self.report_engaged(env, now);
         // The previous URL is the referrer; buffers are reused, not replaced.
-        if !self.url.is_empty() {
-            mem::swap(&mut self.referrer, &mut self.url);
+        let [url_text, referrer, ..] = &mut self.text;
+        if !url_text.is_empty() {
+            mem::swap(referrer, url_text);
         }
-        copy(&mut self.url, url);
+        copy(url_text, url);
         if utm.iter().any(|u| !u.is_empty()) {
-            for (d, s) in self.utm.iter_mut().zip(utm) {
+            for (d, s) in self.text[UTM..].iter_mut().zip(utm) {
                 copy(d, s);
             }
         }
@@ -578,11 +591,12 @@ impl Tracker {
 
     fn store_ids(&mut self, env: &mut impl Env) {
         if self.consent.storage_allowed() {
-            env.set(persist::ANON_KEY, &self.anonymous_id);
-            if self.user_id.is_empty() {
+            env.set(persist::ANON_KEY, &self.text[ANON]);
+            let user = &self.text[USER];
+            if user.is_empty() {
                 env.remove(persist::USER_KEY);
             } else {
-                env.set(persist::USER_KEY, &self.user_id);
+                env.set(persist::USER_KEY, user);
             }
         }
     }
@@ -617,26 +631,9 @@ impl Tracker {
     }
 
     fn refresh_ctx(&mut self) {
-        fn some(s: &Vec<u8>) -> Option<&[u8]> {
-            (!s.is_empty()).then_some(s.as_slice())
-        }
-        let session = self.session.id();
-        let mut utm = [None; 5];
-        for (d, s) in utm.iter_mut().zip(&self.utm) {
-            *d = some(s);
-        }
-        self.ctx = wire::encode::context_ref(&ContextRef {
-            page_url: some(&self.url),
-            referrer: some(&self.referrer),
-            utm,
-            locale: some(&self.cfg.locale),
-            timezone: some(&self.cfg.timezone),
-            screen_width: self.cfg.screen.0,
-            screen_height: self.cfg.screen.1,
-            session_id: some(&session),
-            anonymous_id: some(&self.anonymous_id),
-            user_id: some(&self.user_id),
-        });
+        self.text[SESSION] = self.session.id();
+        let (w, h) = self.cfg.screen;
+        self.ctx = wire::encode::context_texts(&self.text, w, h);
     }
 
     fn fail(&mut self, env: &mut impl Env, now: f64, retry_after: Option<f64>, error: u16) {
