@@ -39,19 +39,6 @@ pub struct Update {
     pub deny: u8,
 }
 
-impl Update {
-    /// Sets `bit` to granted (`true`) or denied (`false`).
-    pub fn set(&mut self, bit: u8, granted: bool) {
-        if granted {
-            self.grant |= bit;
-            self.deny &= !bit;
-        } else {
-            self.deny |= bit;
-            self.grant &= !bit;
-        }
-    }
-}
-
 /// What an event needs to be sent and what to do with it now.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Gate {
