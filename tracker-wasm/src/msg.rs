@@ -265,14 +265,10 @@ pub fn answer(r: &mut Reader<'_>) -> (u32, u16, f64) {
 /// The settings, read into `c` (which holds the defaults): numbers out of range keep them.
 /// In place, because moving a `Config` around costs more code than reading it.
 pub fn init(r: &mut Reader<'_>, c: &mut Config) {
-    for t in [
-        &mut c.write_key,
-        &mut c.referrer,
-        &mut c.locale,
-        &mut c.timezone,
-    ] {
-        t.extend_from_slice(r.text());
-    }
+    c.write_key.extend_from_slice(r.text());
+    c.referrer.extend_from_slice(r.text());
+    c.locale.extend_from_slice(r.text());
+    c.timezone.extend_from_slice(r.text());
     let mut within = |lo: f64, hi: f64| {
         let v = r.num();
         (v >= lo && v <= hi).then_some(v)

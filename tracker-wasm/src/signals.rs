@@ -39,7 +39,7 @@ pub const TCF_PURPOSES: [(u8, u16); 3] = [
 /// (sent once the CMP has loaded or the visitor has acted, and only where GDPR applies).
 pub fn tcf(consents: u16) -> Update {
     let mut grant = 0;
-    for (bit, needed) in TCF_PURPOSES {
+    for &(bit, needed) in &TCF_PURPOSES {
         if consents & needed == needed {
             grant |= bit;
         }

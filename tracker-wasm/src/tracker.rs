@@ -152,17 +152,13 @@ impl Tracker {
         self.key.extend_from_slice(persist::QUEUE_PREFIX);
         text::push_hex(&mut self.key, &random::<8>(env));
         self.text[ANON] = text::uuid(random(env));
-        let c = &mut self.cfg;
-        for (i, s) in [
-            (REFERRER, &mut c.referrer),
-            (LOCALE, &mut c.locale),
-            (TIMEZONE, &mut c.timezone),
-        ] {
-            mem::swap(&mut self.text[i], s);
-        }
+        let (c, t) = (&mut self.cfg, &mut self.text);
+        mem::swap(&mut t[REFERRER], &mut c.referrer);
+        mem::swap(&mut t[LOCALE], &mut c.locale);
+        mem::swap(&mut t[TIMEZONE], &mut c.timezone);
         self.visible_since = self.cfg.visible.then_some(now);
         if self.consent.storage_allowed() {
-            for (i, key) in [(ANON, persist::ANON_KEY), (USER, persist::USER_KEY)] {
+            for &(i, key) in &[(ANON, persist::ANON_KEY), (USER, persist::USER_KEY)] {
                 if let Some(id) = env.get(key).filter(|s| text::is_id(s)) {
                     self.text[i] = id;
                 }
@@ -313,7 +309,7 @@ impl Tracker {
     pub fn debug(&self) -> Vec<u8> {
         let s = self.queue.stats(0.0);
         let mut out = Vec::new();
-        for n in [
+        for &n in &[
             s.events,
             self.held.stats(0.0).events,
             s.in_flight,
@@ -338,7 +334,7 @@ impl Tracker {
         if let Some(e) = self.error {
             text::push_u64(&mut out, u64::from(e));
         }
-        for id in [&self.text[ANON], &self.text[USER], &self.text[SESSION]] {
+        for id in &[&self.text[ANON], &self.text[USER], &self.text[SESSION]] {
             out.extend_from_slice(b"\x1f");
             out.extend_from_slice(id);
         }
@@ -456,7 +452,7 @@ impl Tracker {
                 self.dirty = true;
             }
             (true, false) => {
-                for key in [persist::ANON_KEY, persist::USER_KEY, persist::SESSION_KEY] {
+                for key in &[persist::ANON_KEY, persist::USER_KEY, persist::SESSION_KEY] {
                     env.remove(key);
                 }
                 env.remove(&self.key);
@@ -483,7 +479,7 @@ impl Tracker {
         }
         copy(url_text, url);
         if utm.iter().any(|u| !u.is_empty()) {
-            for (d, s) in self.text[UTM..].iter_mut().zip(utm) {
+            for (d, s) in self.text[UTM..].iter_mut().zip(&utm) {
                 copy(d, s);
             }
         }

@@ -450,9 +450,9 @@ impl Writer {
         let (size, fields) = layout.split_first().unwrap_or((&0, &[]));
         self.pad(2);
         let vtable = self.0.len();
-        for v in [4 + 2 * fields.len() as u16, u16::from(*size)] {
-            self.0.extend_from_slice(&v.to_le_bytes());
-        }
+        self.0
+            .extend_from_slice(&(4 + 2 * fields.len() as u16).to_le_bytes());
+        self.0.extend_from_slice(&u16::from(*size).to_le_bytes());
         for &f in fields {
             self.0.extend_from_slice(&[f, 0]);
         }
@@ -562,7 +562,7 @@ impl Writer {
             11,
             &[e.consent_granted, e.consent_denied, e.purpose as u8],
         );
-        for (f, s) in [
+        for &(f, s) in &[
             (3, e.name),
             (6, e.user_id),
             (7, e.previous_id),
