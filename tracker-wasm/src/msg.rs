@@ -108,6 +108,12 @@ impl<'a> Reader<'a> {
         self.num() as i64
     }
 
+    /// The next number, if it is from `lo` to `hi`.
+    pub fn within(&mut self, lo: f64, hi: f64) -> Option<f64> {
+        let v = self.num();
+        (v >= lo && v <= hi).then_some(v)
+    }
+
     /// The next text; empty past the end.
     pub fn text(&mut self) -> &'a [u8] {
         let (text, rest) = self
@@ -269,20 +275,16 @@ pub fn init(r: &mut Reader<'_>, c: &mut Config) {
     c.referrer.extend_from_slice(r.text());
     c.locale.extend_from_slice(r.text());
     c.timezone.extend_from_slice(r.text());
-    let mut within = |lo: f64, hi: f64| {
-        let v = r.num();
-        (v >= lo && v <= hi).then_some(v)
-    };
-    if let Some(v) = within(1.0, MAX_EVENTS as f64) {
+    if let Some(v) = r.within(1.0, MAX_EVENTS as f64) {
         c.policy.flush_at = v as usize;
     }
-    if let Some(v) = within(0.0, 3.6e6) {
+    if let Some(v) = r.within(0.0, 3.6e6) {
         c.policy.interval_ms = v;
     }
-    if let Some(v) = within(0.01, 1e6) {
+    if let Some(v) = r.within(0.01, 1e6) {
         c.session_timeout = v * 60_000.0;
     }
-    c.track_clicks = within(1.0, 1.0).is_some();
+    c.track_clicks = r.num() == 1.0;
     let grant = r.int() as u8 & 15;
     c.defaults = Update {
         grant,
@@ -290,8 +292,7 @@ pub fn init(r: &mut Reader<'_>, c: &mut Config) {
     };
     c.gpc = r.num() == 1.0;
     c.visible = r.num() == 1.0;
-    let mut dim = || r.int().min(65535) as u16;
-    c.screen = (dim(), dim());
+    c.screen = (r.int().min(65535) as u16, r.int().min(65535) as u16);
     for (i, p) in c.purposes.iter_mut().enumerate() {
         let v = r.num();
         if v >= 0.0

@@ -12,7 +12,7 @@
 
 use alloc::vec::Vec;
 
-use crate::queue::Queue;
+use crate::queue::{Queue, Reset};
 use crate::text;
 
 /// The anonymous id (only while analytics or personalization is granted).
@@ -78,15 +78,10 @@ impl Stored {
     pub fn decode(stored: &[u8]) -> Option<Stored> {
         let (&[format, closed], rest) = stored.split_first_chunk::<2>()?;
         let (written, records) = rest.split_first_chunk::<8>()?;
-        if format != FORMAT || !Queue::valid(records) {
+        let mut queue = Queue(text::copied(records));
+        if format != FORMAT || !queue.reset(Reset::Stored) {
             return None;
         }
-        let mut queue = Queue(text::copied(records));
-        queue.update(&mut |h, _, _| {
-            h.seq = 0;
-            h.hold = 0.0;
-            true
-        });
         Some(Stored {
             closed: closed != 0,
             written: f64::from_le_bytes(*written),
@@ -249,11 +244,7 @@ mod tests {
     fn queues_round_trip_and_damaged_ones_are_refused() {
         let mut q = queue(&[1, 2], 2);
         // Stored events are read back neither in flight nor held back.
-        q.update(&mut |h, _, _| {
-            h.seq = 0;
-            h.hold = 0.0;
-            true
-        });
+        q.reset(Reset::Stored);
         let s = stored(q, true, 1_700_000_000_123.0);
         let bytes = s.encode();
         let record = s.queue.head(0).unwrap().len;

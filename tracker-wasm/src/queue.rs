@@ -112,6 +112,18 @@ fn put(b: &mut [u8], at: usize, bytes: &[u8]) {
     }
 }
 
+/// A change to every header ([`Queue::reset`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Reset {
+    /// The events of this (failed) request are in flight no more.
+    Request(u32),
+    /// Unsealed events are sealed: they go out with the next request.
+    Seal,
+    /// Read back from storage: nothing is in flight or held back (requests and beacons
+    /// belong to the tab that made them).
+    Stored,
+}
+
 /// What a queue holds, from one pass over it.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Stats {
@@ -146,13 +158,25 @@ impl Queue {
         self.0.is_empty()
     }
 
-    /// Whether `bytes` are whole records, nothing else: a stored queue that can be used.
-    pub fn valid(bytes: &[u8]) -> bool {
+    /// Rewrites each header in place as `what` says; returns whether the bytes are whole
+    /// records, nothing else (for a stored queue: whether it can be used). One walk for
+    /// every change that removes nothing, instead of a callback each.
+    pub fn reset(&mut self, what: Reset) -> bool {
         let mut at = 0;
-        while let Some(h) = Head::read(bytes, at) {
+        while let Some(mut h) = self.head(at) {
+            match what {
+                Reset::Request(seq) if h.seq == seq => h.seq = 0,
+                Reset::Seal if h.hold == f64::INFINITY => h.hold = 0.0,
+                Reset::Stored => {
+                    h.seq = 0;
+                    h.hold = 0.0;
+                }
+                _ => {}
+            }
+            self.set(at, &h);
             at += h.len;
         }
-        at == bytes.len()
+        at == self.0.len()
     }
 
     /// The header of the record at `at`.
@@ -206,22 +230,12 @@ impl Queue {
 
     /// Puts the records of failed request `seq` back in line.
     pub fn release(&mut self, seq: u32) {
-        self.update(&mut |h, _, _| {
-            if h.seq == seq {
-                h.seq = 0;
-            }
-            true
-        });
+        self.reset(Reset::Request(seq));
     }
 
     /// Seals every unsealed event: it goes out with the next request.
     pub fn seal(&mut self) {
-        self.update(&mut |h, _, _| {
-            if h.hold == f64::INFINITY {
-                h.hold = 0.0;
-            }
-            true
-        });
+        self.reset(Reset::Seal);
     }
 
     /// Removes the unsealed event `id`, if there is one, and returns its time.
@@ -316,10 +330,11 @@ mod tests {
         assert_eq!(q.parts(0, &h), (&b"ctx"[..], &[1; 5][..]));
         assert_eq!(q.head(h.len).unwrap().id, [2; 16]);
         assert_eq!(q.head(2 * h.len), None);
-        assert!(Queue::valid(&q.0));
-        assert!(!Queue::valid(&q.0[..q.0.len() - 1]));
-        assert!(!Queue::valid(&[1]));
-        assert!(Queue::valid(&[]));
+        let valid = |b: &[u8]| Queue(b.to_vec()).reset(Reset::Stored);
+        assert!(valid(&q.0));
+        assert!(!valid(&q.0[..q.0.len() - 1]));
+        assert!(!valid(&[1]));
+        assert!(valid(&[]));
     }
 
     #[test]
