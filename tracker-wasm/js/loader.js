@@ -384,11 +384,9 @@ var H = {};
   var storage;
   var endpoint;
   try { storage = w.localStorage; } catch (e) { /* storage disabled: memory only */ }
-  // Stored values are bytes, one character (U+0000 to U+00FF) per byte.
-  function chars(b) {
-    for (var s = '', i = 0; i < b.length; i += 8192) s += String.fromCharCode.apply(0, b.subarray(i, i + 8192));
-    return s;
-  }
+  // Stored values are bytes, one character per byte: x-user-defined decodes 0x00-0x7f as
+  // ASCII and 0x80-0xff as U+F780-U+F7FF, and the low byte of each character is the byte.
+  var chars = new TextDecoder('x-user-defined');
   // Sets bytes aside for the wasm (see H.c) and returns how many.
   function give(s) {
     aside = new Uint8Array(s.length);
@@ -398,7 +396,7 @@ var H = {};
   // Storage that throws (disabled, quota, private mode) behaves as absent or refusing: -1.
   function store(f) {
     return function (k, v) {
-      try { return f(chars(k), v && chars(v)); } catch (e) { return -1; }
+      try { return f(chars.decode(k), v && chars.decode(v)); } catch (e) { return -1; }
     };
   }
   H.c = function (b) { b.set(aside); };
