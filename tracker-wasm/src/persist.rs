@@ -124,41 +124,38 @@ fn is_separator(b: &u8) -> bool {
     *b == 0x1f
 }
 
-/// Calls `f` with the key and the stored queue of every tab but `own`; removes the keys
-/// that hold no queue. `f` returns the value to store instead (`None`: keep it as it is).
-fn others(s: &mut impl Storage, own: &[u8], f: &mut dyn FnMut(&mut Stored) -> Option<bool>) {
+/// Visits the queues of every tab but `own`: removes the keys that hold no queue; with
+/// `adopt`, takes over the queues of tabs that have gone (returns their events and removes
+/// their keys); removes the events needing a purpose in `denied` from the others. One loop
+/// for adopting and purging, without a callback for each.
+fn sweep(s: &mut impl Storage, own: &[u8], now: f64, adopt: bool, denied: u8) -> Queue {
+    let mut out = Queue::default();
     let keys = s.keys();
     for key in keys.split(is_separator) {
         if !key.starts_with(QUEUE_PREFIX) || key == own {
             continue;
         }
-        match s.get(key).as_deref().and_then(Stored::decode) {
-            Some(mut stored) => match f(&mut stored) {
-                Some(true) => {
-                    save(s, key, &stored);
-                }
-                Some(false) => s.remove(key),
-                None => {}
-            },
-            None => s.remove(key),
+        let Some(mut stored) = s.get(key).as_deref().and_then(Stored::decode) else {
+            s.remove(key);
+            continue;
+        };
+        if adopt && (stored.closed || now - stored.written > STALE_MS) {
+            out.0.extend_from_slice(&stored.queue.0);
+            s.remove(key);
+        } else if stored.queue.remove(0, denied) > 0 {
+            save(s, key, &stored);
         }
     }
+    out
 }
 
 /// Takes over the queues of tabs that have gone: returns their events and removes their
 /// keys. Does nothing when another tab holds the lease.
 pub fn adopt(s: &mut impl Storage, own: &[u8], now: f64) -> Queue {
-    let mut out = Queue::default();
     if !lock(s, own, now) {
-        return out;
+        return Queue::default();
     }
-    others(s, own, &mut |stored| {
-        if !stored.closed && now - stored.written <= STALE_MS {
-            return None;
-        }
-        out.0.extend_from_slice(&stored.queue.0);
-        Some(false)
-    });
+    let out = sweep(s, own, now, true, 0);
     // The lease is given back at once: it is held only while this call runs, which nothing
     // in this page can interrupt. (A tab whose lease was overwritten meanwhile has lost the
     // race either way.)
@@ -169,9 +166,7 @@ pub fn adopt(s: &mut impl Storage, own: &[u8], now: f64) -> Queue {
 /// Removes the events needing a purpose in `denied` from the queues other tabs stored, so a
 /// denial purges what is stored for it (the tab's own queue is stored again from memory).
 pub fn purge(s: &mut impl Storage, own: &[u8], denied: u8) {
-    others(s, own, &mut |stored| {
-        (stored.queue.remove(0, denied) > 0).then_some(true)
-    });
+    sweep(s, own, 0.0, false, denied);
 }
 
 #[cfg(test)]

@@ -50,7 +50,9 @@ const LOCALE: usize = 7;
 const TIMEZONE: usize = 8;
 const SESSION: usize = 11;
 const ANON: usize = 12;
+/// Right after [`ANON`]: `start` reads both stored ids in one loop.
 const USER: usize = 13;
+const _: () = assert!(USER == ANON + 1);
 
 /// What the tracker needs from the browser.
 pub trait Env: Storage {
@@ -158,9 +160,12 @@ impl Tracker {
         mem::swap(&mut t[TIMEZONE], &mut c.timezone);
         self.visible_since = self.cfg.visible.then_some(now);
         if self.consent.storage_allowed() {
-            for &(i, key) in &[(ANON, persist::ANON_KEY), (USER, persist::USER_KEY)] {
-                if let Some(id) = env.get(key).filter(|s| text::is_id(s)) {
-                    self.text[i] = id;
+            for (id, key) in self.text[ANON..]
+                .iter_mut()
+                .zip(&[persist::ANON_KEY, persist::USER_KEY])
+            {
+                if let Some(stored) = env.get(key).filter(|s| text::is_id(s)) {
+                    *id = stored;
                 }
             }
             self.sync_session(env);
@@ -598,9 +603,10 @@ impl Tracker {
     }
 
     fn adopt(&mut self, env: &mut impl Env, now: f64) {
-        let consent = self.consent;
         let mut adopted = persist::adopt(env, &self.key, now);
-        self.consent_dropped += adopted.update(&mut |h, _, _| consent.gate(h.need) != Gate::Drop);
+        // What needs a denied purpose is dropped (what a pending one, sent: it was collected
+        // with consent).
+        self.consent_dropped += adopted.remove(0, self.consent.denied());
         if !adopted.is_empty() {
             self.queue.0.extend_from_slice(&adopted.0);
             self.dropped += self.queue.trim(QUEUE_CAP);
