@@ -5,7 +5,7 @@
 //! (`js/loader.js`) that starts this module, replays the queue, checks the page's arguments,
 //! installs the page listeners and delivers batches. Each call reaches Rust as one binary
 //! message ([`msg`]). Events pass through the consent gate, encoded once
-//! (`wire::encode::event_ref`), into a bounded queue of byte records; the timer seals them
+//! (`wire::encode::EventPiece`), into a bounded queue of byte records; the timer seals them
 //! and sends them as `wire` batches, copied behind a batch header, with
 //! `fetch(..., {keepalive: true})`, or `sendBeacon` when the page goes away, retried with
 //! backoff until acknowledged.
@@ -26,6 +26,30 @@
 //! host functions of the loader (storage, randomness, clock, delivery).
 //! There the crate is `no_std` with a small allocator and a panic handler that traps, so
 //! neither `std`'s panic machinery nor `core::fmt` ends up in the shipped file.
+//!
+//! # Keeping it small
+//!
+//! The shipped wasm is about 10.8 KB gzip, within a budget that `cargo xtask test` enforces
+//! (`docs/BENCHMARKS.md` has the figures). No single function is large: the size comes from
+//! patterns, and these keep it down (each measured; the commit history has the figures):
+//! - State as bytes: events, held events and stored queues are records in one `Vec<u8>`
+//!   ([`queue`]), text is UTF-8 bytes ([`text`]), stored values are binary. Every buffer
+//!   grows by `extend_from_slice` or `resize`, one allocation path ([`text::copied`]).
+//! - Big values are not built and moved: [`Tracker::EMPTY`] and `Config::DEFAULT` are
+//!   constants copied into place, settings are read into them in place, messages are read
+//!   straight into the call that applies them, and an event's lists are streamed into the
+//!   encoder.
+//! - No panicking index paths (`get`, iterators, masked indexes) and no by-value loops over
+//!   arrays (`for x in [..]` instantiates `array::IntoIter`; `for x in &[..]` does not).
+//! - Float-to-integer conversions of message fields live in one out-of-line place
+//!   ([`msg::Reader::int`]).
+//! - Few callbacks: one `dyn` callback type ([`queue::Keep`]), enums and parameters
+//!   elsewhere. This matters beyond their own code: `core`'s integer formatting is reachable
+//!   only from the allocation-failure message, through indirect calls (to the argument's
+//!   `Display` and the formatter's `write_str`), and binaryen drops it (about 0.4 KB gzip)
+//!   because no function in the wasm table can be their target: today the table holds
+//!   only `Queue::update` callbacks, of another signature. A new closure or trait object
+//!   can bring it back; the size check in `cargo xtask test` shows it.
 //!
 //! # Consent signals
 //!
