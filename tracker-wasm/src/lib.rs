@@ -43,13 +43,13 @@
 //!   arrays (`for x in [..]` instantiates `array::IntoIter`; `for x in &[..]` does not).
 //! - Float-to-integer conversions of message fields live in one out-of-line place
 //!   ([`msg::Reader::int`]).
-//! - Few callbacks: one `dyn` callback type ([`queue::Keep`]), enums and parameters
-//!   elsewhere. This matters beyond their own code: `core`'s integer formatting is reachable
-//!   only from the allocation-failure message, through indirect calls (to the argument's
-//!   `Display` and the formatter's `write_str`), and binaryen drops it (about 0.4 KB gzip)
-//!   because no function in the wasm table can be their target: today the table holds
-//!   only `Queue::update` callbacks, of another signature. A new closure or trait object
-//!   can bring it back; the size check in `cargo xtask test` shows it.
+//! - No callbacks: enums and parameters say what a loop does ([`queue::Filter`],
+//!   [`queue::Reset`]), so nothing is called indirectly. This matters beyond their own
+//!   code: `core`'s integer formatting is reachable only from the allocation-failure
+//!   message, through indirect calls (to the argument's `Display` and the formatter's
+//!   `write_str`), and binaryen drops it (about 0.4 KB gzip) because no function in the wasm
+//!   can be their target. A closure or trait object called through a `dyn` pointer can
+//!   bring it back; the size check in `cargo xtask test` shows it.
 //!
 //! # Consent signals
 //!

@@ -143,10 +143,30 @@ pub struct Stats {
     pub next_hold: f64,
 }
 
-/// What [`Queue::update`] calls with each record: its header, which it may change, its
-/// context and its event; `false` removes the record. A `dyn` function, so that the loop
-/// exists once in the wasm, not once per caller.
-pub type Keep<'a> = dyn FnMut(&mut Head, &[u8], &[u8]) -> bool + 'a;
+/// Which records [`Queue::update`] removes. An enum rather than a callback: the loop then
+/// exists once, and no function in the wasm is called indirectly (see the crate docs).
+#[derive(Debug)]
+pub enum Filter<'a> {
+    /// Those carried by request `seq` (not 0), or needing a purpose in `need`.
+    Remove {
+        /// The request.
+        seq: u32,
+        /// The purposes.
+        need: u8,
+    },
+    /// The unsealed event with this id; its time goes to the second field.
+    Take([u8; 16], &'a mut Option<f64>),
+    /// The oldest this many events not in flight.
+    Oldest(u32),
+    /// Those whose purposes are all in `granted`: they move to `into`, with `granted` as
+    /// their consent mask (events held for consent, released).
+    Release {
+        /// The purposes granted.
+        granted: u8,
+        /// Where they go.
+        into: &'a mut Queue,
+    },
+}
 
 /// Byte records, oldest first (see the module documentation).
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -204,18 +224,40 @@ impl Queue {
         put(&mut self.0, at, &h.bytes());
     }
 
-    /// Calls `keep` with each record (see [`Keep`]); removes the records for which it
-    /// returns `false`, and returns how many.
-    pub fn update(&mut self, keep: &mut Keep<'_>) -> u32 {
+    /// Removes the records `filter` names; returns how many.
+    pub fn update(&mut self, mut filter: Filter<'_>) -> u32 {
         // Rebuilt rather than moved in place: no index can go wrong, so no panic path.
         let old = Queue(mem::take(&mut self.0));
         let (mut at, mut removed) = (0, 0);
         while let Some(mut h) = old.head(at) {
             let (ctx, event) = old.parts(at, &h);
-            if keep(&mut h, ctx, event) {
-                self.push(h, ctx, event);
-            } else {
+            let gone = match &mut filter {
+                Filter::Remove { seq, need } => (*seq != 0 && h.seq == *seq) || h.need & *need != 0,
+                Filter::Take(id, found) => {
+                    let hit = h.id == *id && h.seq == 0 && h.hold == f64::INFINITY;
+                    if hit {
+                        **found = Some(h.ts);
+                    }
+                    hit
+                }
+                Filter::Oldest(n) => {
+                    let drop = *n > 0 && h.seq == 0;
+                    *n -= u32::from(drop);
+                    drop
+                }
+                Filter::Release { granted, into } => {
+                    let go = h.need & *granted == h.need;
+                    if go {
+                        h.mask = *granted;
+                        into.push(h, ctx, event);
+                    }
+                    go
+                }
+            };
+            if gone {
                 removed += 1;
+            } else {
+                self.push(h, ctx, event);
             }
             at += h.len;
         }
@@ -225,7 +267,7 @@ impl Queue {
     /// Removes the records carried by request `seq` (not 0) or needing a purpose in `need`;
     /// returns how many.
     pub fn remove(&mut self, seq: u32, need: u8) -> u32 {
-        self.update(&mut |h, _, _| !((seq != 0 && h.seq == seq) || h.need & need != 0))
+        self.update(Filter::Remove { seq, need })
     }
 
     /// Puts the records of failed request `seq` back in line.
@@ -241,28 +283,18 @@ impl Queue {
     /// Removes the unsealed event `id`, if there is one, and returns its time.
     pub fn take(&mut self, id: [u8; 16]) -> Option<f64> {
         let mut found = None;
-        self.update(&mut |h, _, _| {
-            let hit = h.id == id && h.seq == 0 && h.hold == f64::INFINITY;
-            if hit {
-                found = Some(h.ts);
-            }
-            !hit
-        });
+        self.update(Filter::Take(id, &mut found));
         found
     }
 
     /// Drops the oldest events not in flight while more than `cap` are queued; returns how
     /// many.
     pub fn trim(&mut self, cap: u32) -> u32 {
-        let mut over = self.stats(0.0).events.saturating_sub(cap);
+        let over = self.stats(0.0).events.saturating_sub(cap);
         if over == 0 {
             return 0;
         }
-        self.update(&mut |h, _, _| {
-            let drop = over > 0 && h.seq == 0;
-            over -= u32::from(drop);
-            !drop
-        })
+        self.update(Filter::Oldest(over))
     }
 
     /// Counts what it holds, at `now`.

@@ -17,7 +17,7 @@ use crate::batch;
 use crate::consent::{Consent, Gate, NECESSARY, State, Update};
 use crate::msg::{self, Config, Ev, Reader};
 use crate::persist::{self, Storage, Stored};
-use crate::queue::{Head, Queue};
+use crate::queue::{Filter, Head, Queue};
 use crate::session::Session;
 use crate::signals::{self, Gcm};
 use crate::text;
@@ -433,22 +433,12 @@ impl Tracker {
             persist::purge(env, &self.key, newly_denied);
             self.dirty = true;
         }
-        let consent = self.consent;
-        let queue = &mut self.queue;
-        let mut dropped = 0;
-        self.held.update(&mut |h, ctx, event| {
-            if h.need & newly_denied != 0 {
-                dropped += 1;
-                return false;
-            }
-            if consent.gate(h.need) != Gate::Send {
-                return true;
-            }
-            h.mask = granted;
-            queue.push(*h, ctx, event);
-            false
+        // Held events that need a newly denied purpose go; those now allowed are queued.
+        self.consent_dropped += self.held.remove(0, newly_denied);
+        self.held.update(Filter::Release {
+            granted,
+            into: &mut self.queue,
         });
-        self.consent_dropped += dropped;
         self.dropped += self.queue.trim(QUEUE_CAP);
         match (before.storage_allowed(), self.consent.storage_allowed()) {
             (false, true) => {
