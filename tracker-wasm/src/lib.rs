@@ -29,7 +29,7 @@
 //!
 //! # Keeping it small
 //!
-//! The shipped wasm is about 10.8 KB gzip, within a budget that `cargo xtask test` enforces
+//! The shipped wasm is about 10.6 KB gzip, within a budget that `cargo xtask test` enforces
 //! (`docs/BENCHMARKS.md` has the figures). No single function is large: the size comes from
 //! patterns, and these keep it down (each measured; the commit history has the figures):
 //! - State as bytes: events, held events and stored queues are records in one `Vec<u8>`
