@@ -322,7 +322,7 @@ fn assemble(
         .map(|g| {
             let context = wire::encode::context(&g.context);
             let body = wire::encode::assemble(
-                write_key,
+                write_key.as_bytes(),
                 g.sent_at_ms,
                 g.consent,
                 &context,

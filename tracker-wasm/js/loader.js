@@ -7,7 +7,7 @@
 // into the page); installs the page listeners (visibility, pagehide, SPA navigation, clicks
 // on [data-track], consent changes in other tabs); reads the consent signals of a TCF CMP
 // and Google Consent Mode; runs the timer; and delivers batches. Everything else happens in
-// Rust: each call becomes one text message for the wasm export `m` (format: src/msg.rs).
+// Rust: each call becomes one binary message for the wasm export `m` (format: src/msg.rs).
 // The host functions the wasm imports (src/shell.rs); the glue finds `H` by name in the
 // function scope that build-tracker wraps around glue and loader.
 var H = {};
@@ -29,7 +29,17 @@ var H = {};
   var UTM = 'source medium campaign term content'.split(' ');
   var GCM = 'analytics_storage personalization_storage ad_user_data ad_personalization'.split(' ');
   var own = {}.hasOwnProperty;
-  var double = new DataView(new ArrayBuffer(8));
+  // Messages (src/msg.rs) are written one after another into `out`: the events waiting
+  // for the microtask (see `pending`), then the message being written, which starts at
+  // `start`; the next byte goes at `at`. One buffer for all: copying each event out would
+  // allocate a buffer per event inside the page's call.
+  var out = new Uint8Array(65536);
+  var view = new DataView(out.buffer);
+  var at = 0;
+  var start;
+  var utf8 = new TextEncoder();
+  // Bytes set aside for the wasm, which pulls them with H.c.
+  var aside;
 
   function warn(problem) {
     if (!seen[problem]) {
@@ -43,20 +53,43 @@ var H = {};
 
   function isString(v) { return typeof v == 'string'; }
 
-  // Page text without the message separators (U+001D..U+001F).
-  function text(v) { return v == null ? '' : String(v).replace(/[\x1d-\x1f]/g, ' '); }
-
-  // A number field: decimal for whole numbers, else 'h' + the double's 16 hex digits.
-  function num(x) {
-    if (typeof x != 'number' || x != x) return '';
-    if (x % 1 == 0 && Math.abs(x) < 9e15) return '' + x;
-    double.setFloat64(0, x);
-    return 'h' + hex(0) + hex(2) + hex(4) + hex(6);
+  // Makes room for n more bytes.
+  function room(n) {
+    if (at + n > out.length) {
+      var old = out;
+      out = new Uint8Array(2 * old.length + n);
+      out.set(old);
+      view = new DataView(out.buffer);
+    }
   }
 
-  // The 4 hex digits of 16 of its bits: adding 2^16 makes a leading 1 that keeps the zeros,
-  // and keeps the number small (a larger one is converted by a slower path).
-  function hex(i) { return (double.getUint16(i) + 65536).toString(16).slice(1); }
+  // A number field: the double's 8 bytes (NaN for anything but a number).
+  function N(x) {
+    room(8);
+    view.setFloat64(at, typeof x == 'number' ? x : NaN, true);
+    at += 8;
+  }
+
+  // A text field: its length, then its UTF-8, cut at a character boundary to the
+  // collector's limit (1024 bytes, or max). ASCII is copied by the loop; encodeInto, which
+  // needs a view of its own for each call, takes over at the first other character: that
+  // halves the cost of an event in the page's call.
+  function S(x, max) {
+    var i = 0;
+    var c;
+    x = x == null ? '' : '' + x;
+    room(2 + (max = max || 1024));
+    for (; i < x.length && i < max && (c = x.charCodeAt(i)) < 128; i++) out[at + 2 + i] = c;
+    if (i < x.length && i < max) i += utf8.encodeInto(x.slice(i), out.subarray(at + 2 + i, at + 2 + max)).written;
+    view.setUint16(at, i, true);
+    at += 2 + i;
+  }
+
+  // Starts a message of this type.
+  function M(type) {
+    start = at;
+    N(type);
+  }
 
   // An id the collector accepts (1-256 UTF-8 bytes, no braces or control characters), from
   // a string or a whole number; undefined otherwise.
@@ -74,8 +107,8 @@ var H = {};
   var PLACEHOLDER = /^\s*(|0|-1|\[object object\]|anon|anonymous|distinct_id|distinctid|email|false|guest|id|n\/a|nan|nil|none|not_authenticated|null|true|undefined|unknown|user_id|userid)\s*$/i;
   function person(v) {
     var p = id(v);
-    if (!p) bad('needs a user id (1-256 bytes, no braces or control characters)');
-    else if (PLACEHOLDER.test(p)) bad('"' + p.slice(0, 40) + '" is a placeholder, not a user id');
+    if (!p) bad('needs a user id');
+    else if (PLACEHOLDER.test(p)) bad('"' + p.slice(0, 40) + '" is a placeholder');
     else return p;
   }
 
@@ -83,96 +116,138 @@ var H = {};
   // run inside the page's call; any other message (the page going away included) hands them
   // over first, in order. A microtask, not a zero-delay timer: it runs as soon as the page's
   // own code returns, and queueing one costs the call a fraction of what setting a timer does.
+  // Where each waiting event starts and ends in `out`.
   var pending = [];
   var resolved = Promise.resolve();
 
-  function deliver(message) {
-    try { schedule(W.m(message)); } catch (e) { /* a bug must not break the page */ }
+  // Hands the message from s to e over to the wasm.
+  function deliver(s, e) {
+    aside = out.subarray(s, e);
+    try { schedule(W.m(e - s)); } catch (x) { /* a bug must not break the page */ }
   }
 
   function drain() {
-    while (pending.length) deliver(pending.shift());
+    for (var i = 0; i < pending.length; i += 2) deliver(pending[i], pending[i + 1]);
+    pending.length = at = 0;
   }
 
-  // Any message but an event; its fields are the arguments.
-  function send() {
+  // Sends the message written: events first, in order.
+  function post() {
+    var s = start;
+    var e = at;
     if (ready) {
       drain();
-      deliver([].join.call(arguments, '\x1f'));
+      deliver(s, e);
     }
+    at = 0;
+  }
+
+  // Any message but an event, with up to three numbers.
+  function send(type, a, b, c) {
+    M(type);
+    N(a);
+    N(b);
+    N(c);
+    post();
   }
 
   function schedule(ms) {
-    var at = Date.now() + ms;
-    if (ms >= 0 && at < due) {
+    var when = Date.now() + ms;
+    if (ms >= 0 && when < due) {
       clearTimeout(timer);
-      due = at;
-      timer = setTimeout(function () { due = 1 / 0; send('t'); }, ms);
+      due = when;
+      timer = setTimeout(function () { due = 1 / 0; send(10); }, ms);
     }
   }
 
+  // The usable properties of o: [key, value, key, value, ...]. Read before the message is
+  // written: a getter of the page's object may call the tracker.
   function properties(o) {
-    var out = [];
-    if (o == null) return '';
-    if (typeof o != 'object') { bad('properties must be an object'); return ''; }
+    var list = [];
+    if (o == null) return list;
+    if (typeof o != 'object') return bad('properties must be an object'), list;
     for (var k in o) {
-      if (!own.call(o, k) || o[k] == null) continue;
       var v = o[k];
       var t = typeof v;
-      if (t == 'string') v = 's\x1d' + text(v);
-      else if (t == 'number' && isFinite(v)) v = 'n\x1d' + num(v);
-      else if (t == 'boolean') v = 'b\x1d' + +v;
-      else { bad('property values must be strings, finite numbers or booleans'); continue; }
-      if (out.length == 64) { bad('only the first 64 properties are kept'); break; }
-      out.push(text(k) + '\x1d' + v);
+      if (!own.call(o, k) || v == null || !k) continue;
+      if (t != 'string' && t != 'boolean' && !(t == 'number' && isFinite(v))) {
+        bad('property values: strings, finite numbers, booleans');
+        continue;
+      }
+      if (list.length == 128) { bad('over 64 properties'); break; }
+      list.push(k, v);
     }
-    return out.join('\x1e');
+    return list;
   }
 
-  function item(o) {
-    var p = o && id(o.productId);
-    if (!p) return bad('an item needs a productId (a string or a whole number)');
-    if (typeof o.price != 'number' || o.price % 1) {
-      return bad('item.price must be a whole number of minor units (cents)');
-    }
-    if (o.quantity != null && !(o.quantity >= 1 && o.quantity % 1 == 0)) {
-      return bad('item.quantity must be a whole number of at least 1');
-    }
-    return [text(p), isString(o.category) ? text(o.category) : '', num(o.price),
-      num(o.quantity || 1), isString(o.name) ? text(o.name) : ''].join('\x1d');
+  // The items of a list that are usable (a warning for each problem), written as a count and
+  // the items; list: an array, or one item.
+  function items(list) {
+    var ok = [];
+    if (!Array.isArray(list)) bad('items must be an array');
+    else if (list.length > 100) bad('over 100 items');
+    (Array.isArray(list) ? list.slice(0, 100) : []).forEach(function (o) {
+      var p = o && id(o.productId);
+      if (!p) bad('item without productId');
+      else if (typeof o.price != 'number' || o.price % 1) bad('item.price: whole minor units');
+      else if (o.quantity != null && !(o.quantity >= 1 && o.quantity % 1 == 0)) bad('item.quantity: whole, at least 1');
+      else ok.push([p, o.category, o.price, o.quantity || 1, o.name]);
+    });
+    return ok;
   }
 
-  function items(a) {
-    if (!Array.isArray(a)) { bad('items must be an array'); return ''; }
-    if (a.length > 100) bad('only the first 100 items are kept');
-    return a.slice(0, 100).map(item).filter(Boolean).join('\x1e');
-  }
-
-  // kind: the wire value of the event kind.
+  // kind: the wire value of the event kind; list: checked items (see items).
   function event(kind, name, props, list, user, order, revenue, currency) {
-    if (name != null && !isString(name)) { bad('the name must be a string'); name = null; }
-    if (pending.push(['e', kind, num(now), text(name), user || '', order || '', num(revenue), text(currency),
-      properties(props), list || ''].join('\x1f')) == 1) resolved.then(drain);
+    if (name != null && !isString(name)) { bad('name: a string'); name = null; }
+    props = properties(props);
+    M(2);
+    N(kind);
+    N(now);
+    S(name);
+    S(user);
+    S(order);
+    N(revenue);
+    S(isString(currency) ? currency : '');
+    N(props.length / 2);
+    for (var i = 0; i < props.length; i += 2) {
+      var v = props[i + 1];
+      S(props[i]);
+      // Types: 1 string, 2 whole number (exact in a double), 3 other number, 4 boolean.
+      if (isString(v)) { N(1); S(v); } else {
+        N(typeof v == 'boolean' ? 4 : v % 1 || Math.abs(v) > 9007199254740992 ? 3 : 2);
+        N(+v);
+      }
+    }
+    N((list = list || []).length);
+    list.forEach(function (i) {
+      S(i[0]);
+      S(isString(i[1]) ? i[1] : '');
+      N(i[2]);
+      N(i[3]);
+      S(isString(i[4]) ? i[4] : '');
+    });
+    if (pending.push(start, at) == 2) resolved.then(drain);
   }
 
   function commerce(kind) {
     return function (i) {
-      var line = item(i);
-      if (line) event(kind, null, null, line);
+      var list = items([i]);
+      if (list.length) event(kind, null, null, list);
     };
   }
 
   function location_() {
     var q;
     try { q = new URLSearchParams(w.location.search); } catch (e) { q = { get: function () {} }; }
-    send.apply(0, ['n', text(w.location.href)].concat(UTM.map(function (k) {
-      return text(q.get('utm_' + k));
-    })));
+    M(3);
+    S(w.location.href, 4096);
+    UTM.forEach(function (k) { S(q.get('utm_' + k)); });
+    post();
   }
 
   var api = {
     init: function (o) {
-      if (ready) return bad('already initialised; later calls are ignored');
+      if (ready) return bad('called twice');
       if (!o || !isString(o.writeKey) || !o.writeKey || !isString(o.endpoint) || !o.endpoint) {
         return bad('needs {writeKey, endpoint}');
       }
@@ -186,22 +261,27 @@ var H = {};
         var v = defaults[p];
         if (v === true || v == 'granted') granted |= 1 << i;
         else if (v === false || v == 'denied') denied |= 1 << i;
-        else if (v != null && v != 'pending') bad('consentDefaults values are true, false, "granted", "denied" or "pending"');
+        else if (v != null && v != 'pending') bad('bad consentDefaults.' + p);
       });
       for (var k in purposes) {
         var i = KINDS.indexOf(k);
         var j = PURPOSES.indexOf(purposes[k]);
-        if (i < 0 || j < 0) bad('purposes maps event kinds (' + KINDS.join(', ') + ') to purposes (' + PURPOSES.join(', ') + ')');
+        if (i < 0 || j < 0) bad('bad purposes.' + k);
         else map[i] = j;
       }
       try { tz = Intl.DateTimeFormat().resolvedOptions().timeZone; } catch (e) { /* old browser */ }
-      var fields = ['i', text(o.writeKey), text(o.endpoint), text(d.referrer), text(nav.language), text(tz),
-        num(o.flushAt), num(o.flushIntervalMs), num(o.sessionTimeoutMin), o.trackClicks ? 1 : 0, granted, denied,
+      endpoint = o.endpoint;
+      M(1);
+      S(o.writeKey);
+      S(d.referrer, 4096);
+      S(nav.language);
+      S(tz);
+      [o.flushAt, o.flushIntervalMs, o.sessionTimeoutMin, o.trackClicks ? 1 : 0, granted, denied,
         nav.globalPrivacyControl === true ? 1 : 0, d.visibilityState == 'visible' ? 1 : 0,
-        num(w.screen && w.screen.width), num(w.screen && w.screen.height)];
-      for (var n = 0; n < 12; n++) fields.push(map[n] == null ? -1 : map[n]);
+        w.screen && w.screen.width, w.screen && w.screen.height].forEach(N);
+      KINDS.forEach(function (k, i) { N(map[i]); });
       ready = 1;
-      if (W.m(fields.join('\x1f')) < 0) { ready = 0; return bad('unusable settings'); }
+      post();
       location_();
       listen();
       consentSignals();
@@ -209,7 +289,7 @@ var H = {};
     },
     page: function (name, props) { location_(); event(0, name, props); },
     track: function (name, props) {
-      if (!isString(name) || !name) return bad('needs an event name (a string)');
+      if (!isString(name) || !name) return bad('needs a name');
       event(1, name, props);
     },
     identify: function (user, traits) {
@@ -228,39 +308,38 @@ var H = {};
       var order = o && id(o.orderId);
       if (!order) return bad('needs {orderId, revenue, currency, items}');
       if (typeof o.revenue != 'number' || o.revenue % 1) {
-        return bad('revenue must be a whole number of minor units (cents)');
+        return bad('revenue: whole minor units');
       }
-      event(9, null, null, o.items == null ? '' : items(o.items),
-        '', order, o.revenue, isString(o.currency) ? o.currency : '');
+      event(9, null, null, o.items == null ? [] : items(o.items), '', order, o.revenue, o.currency);
     },
     consent: function (o) {
       var granted = 0;
       var denied = 0;
-      if (!o || typeof o != 'object') return bad('takes an object like {analytics: true}');
+      if (!o || typeof o != 'object') return bad('needs an object');
       PURPOSES.forEach(function (p, i) {
         if (o[p] === true) granted |= 1 << i;
         else if (o[p] === false) denied |= 1 << i;
-        else if (o[p] != null) bad('values are true (granted) or false (denied)');
+        else if (o[p] != null) bad('values: true or false');
       });
-      send('c', granted, denied);
+      send(4, granted, denied);
     },
-    flush: function () { send('f'); },
-    reset: function () { send('r'); }
+    flush: function () { send(15); },
+    reset: function () { send(16); }
   };
 
   function call(name, args, ts) {
-    if (!own.call(api, name)) return warn('unknown call ' + text(name).slice(0, 40));
+    if (!own.call(api, name)) return warn('unknown call ' + String(name).slice(0, 40));
     if (!ready && name != 'init') return early.push([name, args, ts]);
     now = ts || Date.now();
     current = name;
-    try { api[name].apply(0, args); } catch (e) { warn(name + ': could not be recorded'); }
+    try { api[name].apply(0, args); } catch (e) { warn(name + ': failed'); }
   }
 
   function listen() {
     function on(target, type, f) { target.addEventListener(type, f, true); }
-    on(d, 'visibilitychange', function () { send(d.visibilityState == 'hidden' ? 'h' : 'v'); });
-    on(w, 'pagehide', function () { send('x'); });
-    on(w, 'pageshow', function (e) { if (e.persisted) send('v'); });
+    on(d, 'visibilitychange', function () { send(d.visibilityState == 'hidden' ? 11 : 12); });
+    on(w, 'pagehide', function () { send(13); });
+    on(w, 'pageshow', function (e) { if (e.persisted) send(12); });
     on(w, 'popstate', location_);
     on(w, 'hashchange', location_);
     ['pushState', 'replaceState'].forEach(function (k) {
@@ -274,9 +353,13 @@ var H = {};
     on(d, 'click', function (e) {
       var t = e.target;
       t = t && t.closest && t.closest('[data-track]');
-      if (t) send('k', text(t.getAttribute('data-track')));
+      if (t) {
+        M(8);
+        S(t.getAttribute('data-track'));
+        post();
+      }
     });
-    on(w, 'storage', function (e) { if (e.key == 'pz_c') send('s'); });
+    on(w, 'storage', function (e) { if (e.key == 'pz_c') send(14); });
   }
 
   function consentSignals() {
@@ -288,7 +371,7 @@ var H = {};
             var bits = 0;
             var c = (t.purpose && t.purpose.consents) || {};
             for (var i = 1; i < 12; i++) if (c[i]) bits |= 1 << i;
-            send('T', bits);
+            send(5, bits);
           }
         });
       }
@@ -303,7 +386,7 @@ var H = {};
           if (a[2][k] == 'granted') granted |= 1 << i;
           if (a[2][k] == 'denied') denied |= 1 << i;
         });
-        send(a[1] == 'update' ? 'G' : 'g', granted, denied);
+        send(a[1] == 'update' ? 7 : 6, granted, denied);
       }
     }
     for (var i = 0; i < layer.length; i++) command(layer[i]);
@@ -314,33 +397,50 @@ var H = {};
   }
 
   var storage;
+  var endpoint;
   try { storage = w.localStorage; } catch (e) { /* storage disabled: memory only */ }
-  // Storage that throws (disabled, quota, private mode) behaves as absent or refusing.
+  // Stored values are bytes, one character per byte: x-user-defined decodes 0x00-0x7f as
+  // ASCII and 0x80-0xff as U+F780-U+F7FF, and the low byte of each character is the byte.
+  var chars = new TextDecoder('x-user-defined');
+  // Sets bytes aside for the wasm (see H.c) and returns how many.
+  function give(s) {
+    aside = new Uint8Array(s.length);
+    for (var i = 0; i < s.length; i++) aside[i] = s.charCodeAt(i);
+    return s.length;
+  }
+  // Storage that throws (disabled, quota, private mode) behaves as absent or refusing: -1.
   function store(f) {
     return function (k, v) {
-      try { return storage ? f(k, v) : null; } catch (e) { return null; }
+      try { return f(chars.decode(k), v && chars.decode(v)); } catch (e) { return -1; }
     };
   }
-  H.g = store(function (k) { return storage.getItem(k); });
-  H.p = store(function (k, v) { storage.setItem(k, v); return true; });
-  H.x = store(function (k) { storage.removeItem(k); });
-  var keys = store(function () {
-    return Object.keys(storage).filter(function (k) { return k.slice(0, 3) == 'pz_'; }).join('\x1f');
+  H.c = function (b) { b.set(aside); };
+  H.g = store(function (k) {
+    var v = storage.getItem(k);
+    return v == null ? -1 : give(v);
   });
-  H.k = function () { return keys() || ''; };
+  H.p = store(function (k, v) { storage.setItem(k, v); return 1; });
+  H.x = store(function (k) { storage.removeItem(k); });
+  H.k = function () {
+    try {
+      return give(Object.keys(storage).filter(function (k) { return k.slice(0, 3) == 'pz_'; }).join('\x1f'));
+    } catch (e) {
+      return -1;
+    }
+  };
   H.r = function (b) { w.crypto.getRandomValues(b); };
   H.n = Date.now;
   // Delivers a batch: n == 0 means the page is going away (sendBeacon, no answer).
-  H.s = function (url, body, n) {
+  H.s = function (body, n) {
     body = body.slice();
     if (!n) {
-      try { if (nav.sendBeacon(url, body)) return true; } catch (e) { /* fall back to fetch */ }
+      try { if (nav.sendBeacon(endpoint, body)) return true; } catch (e) { /* fall back to fetch */ }
     }
     try {
-      fetch(url, { method: 'POST', body: body, keepalive: body.length < 65000 }).then(function (r) {
-        if (n) send('d', n, r.status, text(r.headers.get('Retry-After')));
+      fetch(endpoint, { method: 'POST', body: body, keepalive: body.length < 65000 }).then(function (r) {
+        if (n) send(9, n, r.status, +(r.headers.get('Retry-After') || NaN));
       }, function () {
-        if (n) send('d', n, 0);
+        if (n) send(9, n, 0);
       });
       return true;
     } catch (e) {
@@ -358,18 +458,24 @@ var H = {};
     // For tests and debugging: the tracker's state as a plain object (null before init).
     pz.debug = function () {
       var o = null;
-      H.d = function (t) {
-        var f = t.split('\x1f');
+      H.d = function (b) {
+        var f = new TextDecoder().decode(b).split('\x1f');
         var i = 0;
-        o = { consent: {}, persistent: f[8][4] == 1 };
+        var e = f[9];
+        o = {
+          consent: {},
+          persistent: f[8][4] == 1,
+          lastError: e ? e == 0 ? 'network error' : e == 1 ? 'send failed' : 'HTTP ' + e : null
+        };
         COUNTS.forEach(function (k) { o[k] = +f[i++]; });
         PURPOSES.forEach(function (p, j) {
           o.consent[p] = { g: 'granted', d: 'denied', p: 'pending' }[f[8][j]];
         });
-        'anonymousId userId sessionId lastError'.split(' ').forEach(function (k) { o[k] = f[++i] || null; });
+        'anonymousId userId sessionId'.split(' ').forEach(function (k, j) { o[k] = f[10 + j] || null; });
       };
       drain();
-      try { W.m('D'); } catch (e) { /* null */ }
+      M(17);
+      post();
       return o;
     };
     // The visitor's ids, for the page (the demo's profile inspector): null until known.
@@ -377,6 +483,6 @@ var H = {};
     pz.userId = function () { var d = pz.debug(); return d && d.userId; };
     for (var i = 0; i < queued.length; i++) pz.q.push(queued[i]);
   }, function () {
-    warn('the tracker could not be loaded');
+    warn('could not load');
   });
 })(window, document, navigator);

@@ -1,8 +1,6 @@
 //! Retries: what an answer from the collector means for the batch, and how long to wait
 //! before the next try (exponential backoff with jitter, never sooner than `Retry-After`).
 
-use crate::text;
-
 /// The first retry waits about this long (ms).
 pub const BASE_MS: f64 = 1000.0;
 /// No backoff step waits longer than this (ms); a longer `Retry-After` is still honoured.
@@ -29,10 +27,11 @@ pub fn outcome(status: u16) -> Outcome {
     }
 }
 
-/// A `Retry-After` header in milliseconds. Only the delta-seconds form is read (the
-/// collector sends it); an HTTP date falls back to plain backoff.
-pub fn retry_after_ms(header: Option<&str>) -> Option<f64> {
-    text::parse_u64(header?.trim_ascii()).map(|s| s.min(86_400) as f64 * 1000.0)
+/// A `Retry-After` header in milliseconds, from the seconds the loader read from it (NaN
+/// when there was none, or an HTTP date, which falls back to plain backoff: the collector
+/// sends seconds). At most a day.
+pub fn retry_after_ms(seconds: f64) -> Option<f64> {
+    (seconds >= 0.0).then(|| seconds.min(86_400.0) * 1000.0)
 }
 
 /// Exponential backoff state.
@@ -42,6 +41,9 @@ pub struct Backoff {
 }
 
 impl Backoff {
+    /// No failure yet.
+    pub const NONE: Backoff = Backoff { attempt: 0 };
+
     /// Failed tries since the last success.
     pub fn attempts(&self) -> u32 {
         self.attempt
@@ -102,9 +104,10 @@ mod tests {
     #[test]
     fn retry_after_is_a_floor() {
         let mut b = Backoff::default();
-        assert_eq!(b.fail(retry_after_ms(Some("30")), 0.0), 30_000.0);
-        assert_eq!(b.fail(retry_after_ms(Some(" 0 ")), 0.0), 1000.0);
-        assert_eq!(retry_after_ms(Some("Wed, 21 Oct 2015 07:28:00 GMT")), None);
-        assert_eq!(retry_after_ms(None), None);
+        assert_eq!(b.fail(retry_after_ms(30.0), 0.0), 30_000.0);
+        assert_eq!(b.fail(retry_after_ms(0.0), 0.0), 1000.0);
+        assert_eq!(retry_after_ms(f64::NAN), None);
+        assert_eq!(retry_after_ms(-1.0), None);
+        assert_eq!(retry_after_ms(1e9), Some(86_400_000.0));
     }
 }

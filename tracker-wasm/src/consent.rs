@@ -8,11 +8,6 @@
 //! where the visitor has not decided, are not persisted and are not audited as changes (they
 //! arrive again on every page). `necessary` is always granted.
 
-use alloc::string::String;
-use wire::Purpose;
-
-use crate::text;
-
 /// The `necessary` bit of a purpose mask.
 pub const NECESSARY: u8 = 1;
 /// The `analytics` bit.
@@ -23,14 +18,6 @@ pub const PERSONALIZATION: u8 = 4;
 pub const MARKETING: u8 = 8;
 /// Every purpose.
 pub const ALL: u8 = 15;
-
-/// The purposes, in bit order, with the names the API and the debug view use.
-pub const PURPOSES: [(&str, Purpose); 4] = [
-    ("necessary", Purpose::Necessary),
-    ("analytics", Purpose::Analytics),
-    ("personalization", Purpose::Personalization),
-    ("marketing", Purpose::Marketing),
-];
 
 /// The state of one purpose.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -50,19 +37,6 @@ pub struct Update {
     pub grant: u8,
     /// Purposes to deny.
     pub deny: u8,
-}
-
-impl Update {
-    /// Sets `bit` to granted (`true`) or denied (`false`).
-    pub fn set(&mut self, bit: u8, granted: bool) {
-        if granted {
-            self.grant |= bit;
-            self.deny &= !bit;
-        } else {
-            self.deny |= bit;
-            self.grant &= !bit;
-        }
-    }
 }
 
 /// What an event needs to be sent and what to do with it now.
@@ -86,6 +60,14 @@ pub struct Consent {
 }
 
 impl Consent {
+    /// Nothing decided, no defaults: everything but `necessary` pending.
+    pub const NONE: Consent = Consent {
+        decided_granted: 0,
+        decided_denied: 0,
+        default_granted: 0,
+        default_denied: 0,
+    };
+
     /// Purposes granted now (always includes `necessary`).
     pub fn granted(&self) -> u8 {
         let decided = self.decided_granted | self.decided_denied;
@@ -145,23 +127,17 @@ impl Consent {
         self.default_denied = (self.default_denied | u.deny) & !u.grant;
     }
 
-    /// The decisions as stored in localStorage: `granted.denied` masks in decimal.
-    pub fn encode_decisions(&self) -> String {
-        let mut s = text::decimal(i64::from(self.decided_granted));
-        s.push('.');
-        text::push_u64(&mut s, u64::from(self.decided_denied));
-        s
+    /// The decisions as stored in localStorage: the granted mask, then the denied mask.
+    pub fn encode_decisions(&self) -> [u8; 2] {
+        [self.decided_granted, self.decided_denied]
     }
 
-    /// Replaces the decisions with stored ones; ignores text that is not
+    /// Replaces the decisions with stored ones; ignores anything that is not
     /// [`encode_decisions`](Self::encode_decisions) output.
-    pub fn load_decisions(&mut self, stored: &str) {
-        let Some((g, d)) = text::cut(stored, b'.') else {
-            return;
-        };
-        if let (Some(g), Some(d)) = (text::parse_u64(g), text::parse_u64(d)) {
-            self.decided_granted = (g as u8) & ALL;
-            self.decided_denied = (d as u8) & ALL & !NECESSARY & !self.decided_granted;
+    pub fn load_decisions(&mut self, stored: &[u8]) {
+        if let [g, d] = *stored {
+            self.decided_granted = g & ALL;
+            self.decided_denied = d & ALL & !NECESSARY & !self.decided_granted;
         }
     }
 }
@@ -230,13 +206,13 @@ mod tests {
         let mut c = Consent::default();
         c.decide(update(ANALYTICS | PERSONALIZATION, MARKETING));
         let stored = c.encode_decisions();
-        assert_eq!(stored, "6.8");
+        assert_eq!(stored, [6, 8]);
         let mut d = Consent::default();
         d.load_decisions(&stored);
         assert_eq!((d.granted(), d.denied()), (c.granted(), c.denied()));
         let mut e = Consent::default();
-        e.load_decisions("x.1");
-        e.load_decisions("7");
+        e.load_decisions(b"6.8");
+        e.load_decisions(&[7]);
         assert_eq!(e, Consent::default());
     }
 }

@@ -1,8 +1,8 @@
-//! Sessions: a new session id after a period without events (30 minutes by default).
-//! The id is the session's start time in Unix milliseconds, as decimal text: unique per
+//! Sessions: a new session after a period without events (30 minutes by default). The
+//! session id is the session's start time in Unix milliseconds, as decimal text: unique per
 //! visitor, which is all the profile needs, and readable when debugging.
 
-use alloc::string::String;
+use alloc::vec::Vec;
 
 use crate::text;
 
@@ -10,10 +10,10 @@ use crate::text;
 pub const DEFAULT_TIMEOUT_MS: f64 = 30.0 * 60.0 * 1000.0;
 
 /// The current session.
-#[derive(Debug, Clone, PartialEq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct Session {
-    /// The id (empty before the first event).
-    pub id: String,
+    /// When it started (Unix ms; 0: no session yet).
+    pub start: f64,
     /// When the last event happened (Unix ms).
     pub last: f64,
 }
@@ -22,9 +22,9 @@ impl Session {
     /// Records activity at `now`, starting a new session when none is running or the last
     /// activity is older than `timeout`. Returns whether a new session started.
     pub fn touch(&mut self, now: f64, timeout: f64) -> bool {
-        let fresh = self.id.is_empty() || now - self.last > timeout;
+        let fresh = self.start == 0.0 || now - self.last > timeout;
         if fresh {
-            self.id = text::decimal(now as i64);
+            self.start = now;
         }
         if now > self.last {
             self.last = now;
@@ -32,29 +32,33 @@ impl Session {
         fresh
     }
 
-    /// The session as stored in localStorage: `id.last`.
-    pub fn encode(&self) -> String {
-        let mut s = self.id.clone();
-        s.push('.');
-        text::push_u64(&mut s, self.last as u64);
-        s
-    }
-
-    /// A stored session, if the text is one.
-    pub fn decode(stored: &str) -> Option<Session> {
-        let (id, last) = text::cut(stored, b'.')?;
-        text::parse_u64(id)?;
-        Some(Session {
-            id: id.into(),
-            last: text::parse_u64(last)? as f64,
-        })
-    }
-
-    /// Takes over another tab's session when it saw activity more recently.
-    pub fn merge(&mut self, other: Session) {
-        if other.last > self.last {
-            *self = other;
+    /// The session id; empty before the first event.
+    pub fn id(&self) -> Vec<u8> {
+        let mut id = Vec::new();
+        if self.start > 0.0 {
+            text::push_u64(&mut id, self.start as u64);
         }
+        id
+    }
+
+    /// The session as stored in localStorage: start and last activity, two little-endian
+    /// doubles.
+    pub fn encode(&self) -> [u8; 16] {
+        let [a, b] = [self.start.to_le_bytes(), self.last.to_le_bytes()];
+        [
+            a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7], b[0], b[1], b[2], b[3], b[4], b[5],
+            b[6], b[7],
+        ]
+    }
+
+    /// A stored session, if the bytes are one.
+    pub fn decode(stored: &[u8]) -> Option<Session> {
+        let b: &[u8; 16] = stored.try_into().ok()?;
+        let s = Session {
+            start: f64::from_le_bytes(*b.first_chunk()?),
+            last: f64::from_le_bytes(*b.last_chunk()?),
+        };
+        (s.start > 0.0).then_some(s)
     }
 }
 
@@ -65,29 +69,24 @@ mod tests {
     #[test]
     fn a_session_ends_after_the_idle_timeout() {
         let mut s = Session::default();
+        assert_eq!(s.id(), b"");
         assert!(s.touch(1_000_000.0, DEFAULT_TIMEOUT_MS));
-        assert_eq!(s.id, "1000000");
+        assert_eq!(s.id(), b"1000000");
         assert!(!s.touch(1_000_000.0 + DEFAULT_TIMEOUT_MS, DEFAULT_TIMEOUT_MS));
-        assert_eq!(s.id, "1000000");
+        assert_eq!(s.id(), b"1000000");
         let later = 1_000_000.0 + 2.0 * DEFAULT_TIMEOUT_MS + 1.0;
         assert!(s.touch(later, DEFAULT_TIMEOUT_MS));
-        assert_eq!(s.id, "4600001");
+        assert_eq!(s.id(), b"4600001");
     }
 
     #[test]
-    fn sessions_round_trip_and_the_most_recent_wins() {
+    fn sessions_round_trip() {
         let mut s = Session::default();
         s.touch(5000.0, DEFAULT_TIMEOUT_MS);
         s.touch(6000.0, DEFAULT_TIMEOUT_MS);
-        let stored = s.encode();
-        assert_eq!(stored, "5000.6000");
-        assert_eq!(Session::decode(&stored), Some(s.clone()));
-        assert_eq!(Session::decode("x.1"), None);
-        let other = Session {
-            id: "5500".into(),
-            last: 7000.0,
-        };
-        s.merge(other.clone());
-        assert_eq!(s, other);
+        assert_eq!(Session::decode(&s.encode()), Some(s));
+        assert_eq!(Session::decode(&s.encode()[..15]), None);
+        assert_eq!(Session::decode(b"5000.6000"), None);
+        assert_eq!(Session::decode(&Session::default().encode()), None);
     }
 }

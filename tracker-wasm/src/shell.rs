@@ -6,20 +6,20 @@
 //! objects through reflection, cost far more wasm and glue than the few lines of script
 //! they replace.
 //!
-//! Export: `m(message)` (every API call and page event, as text: see [`msg`]; `D` asks for
-//! the state, which goes to `H.d`). A single text export
-//! needs far less glue than one export per call or reading JavaScript objects from Rust, and
-//! handing text to the host is cheaper than returning it.
+//! Data crosses in one direction per kind of call, so that the glue wasm-bindgen writes is
+//! the smallest it can be: the export takes a number, the host functions take byte views of
+//! wasm memory (the glue passes them as `Uint8Array`s, no copies, no text codecs) and return
+//! numbers. Bytes from the loader (a message, a stored value, the storage keys) are *pulled*:
+//! the loader keeps them aside and says how many there are, the wasm allocates that much and
+//! asks the loader to copy them in (`H.c`).
 
-use alloc::string::String;
 use alloc::vec::Vec;
 use core::cell::RefCell;
 
 use wasm_bindgen::prelude::*;
 
-use crate::msg::{self, Msg};
+use crate::msg;
 use crate::persist::Storage;
-use crate::text;
 use crate::tracker::{Env, NO_TICK, Tracker};
 
 // wasm32-unknown-unknown without the atomics feature runs on one thread, which makes both
@@ -52,34 +52,31 @@ static STATE: Global = Global(RefCell::new((
 )));
 
 // The loader's host functions: `H` is declared in the function scope that `cargo xtask
-// build-tracker` wraps around this glue and the loader, so the glue finds it by name. Plain
-// functions taking strings and bytes need no JavaScript objects held in Rust (no externref
-// table) and less glue than web-sys's `Storage` and `Crypto` bindings.
+// build-tracker` wraps around this glue and the loader, so the glue finds it by name.
 #[wasm_bindgen]
 extern "C" {
-    /// Starts a POST (see [`Env::send`]).
-    #[wasm_bindgen(js_namespace = H, js_name = s)]
-    fn send(url: &str, body: &[u8], seq: u32) -> bool;
+    /// Copies the bytes the loader set aside (a message, a stored value, the keys) into
+    /// `buf`, which is exactly as long as the loader said they are.
+    #[wasm_bindgen(js_namespace = H, js_name = c)]
+    fn pull(buf: &mut [u8]);
 
-    /// Takes the tracker's state for `pz.debug()` (see [`crate::tracker::Debug::encode`]).
-    #[wasm_bindgen(js_namespace = H, js_name = d)]
-    fn debug(state: &str);
-
-    /// `localStorage.getItem`; `None` when absent or storage is unavailable.
+    /// `localStorage.getItem`: sets the value aside and returns its length; -1 when absent
+    /// or storage is unavailable.
     #[wasm_bindgen(js_namespace = H, js_name = g)]
-    fn get(key: &str) -> Option<String>;
+    fn get(key: &[u8]) -> i32;
 
-    /// `localStorage.setItem`; `false` when the browser refused.
+    /// `localStorage.setItem`: 1, or -1 when the browser refused.
     #[wasm_bindgen(js_namespace = H, js_name = p)]
-    fn put(key: &str, value: &str) -> bool;
+    fn put(key: &[u8], value: &[u8]) -> i32;
 
     /// `localStorage.removeItem`.
     #[wasm_bindgen(js_namespace = H, js_name = x)]
-    fn remove(key: &str);
+    fn remove(key: &[u8]);
 
-    /// The `localStorage` keys that start with `pz_`, separated by U+001F.
+    /// Sets aside the `localStorage` keys that start with `pz_`, separated by U+001F, and
+    /// returns their length (-1: storage is unavailable).
     #[wasm_bindgen(js_namespace = H, js_name = k)]
-    fn keys() -> String;
+    fn keys() -> i32;
 
     /// `crypto.getRandomValues`.
     #[wasm_bindgen(js_namespace = H, js_name = r)]
@@ -88,6 +85,24 @@ extern "C" {
     /// `Date.now()`.
     #[wasm_bindgen(js_namespace = H, js_name = n)]
     fn now() -> f64;
+
+    /// Starts a POST (see [`Env::send`]).
+    #[wasm_bindgen(js_namespace = H, js_name = s)]
+    fn send(body: &[u8], seq: u32) -> bool;
+
+    /// Takes the tracker's state for `pz.debug()` (see [`Tracker::debug`]).
+    #[wasm_bindgen(js_namespace = H, js_name = d)]
+    fn debug(state: &[u8]);
+}
+
+/// The `n` bytes the loader set aside; `None` for a negative `n`.
+// `resize`, not `vec![0; n]`: one way to grow a buffer in the wasm (see `text::copied`).
+#[allow(clippy::slow_vector_initialization)]
+fn take(n: i32) -> Option<Vec<u8>> {
+    let mut buf = Vec::new();
+    buf.resize(usize::try_from(n).ok()?, 0);
+    pull(&mut buf);
+    Some(buf)
 }
 
 /// The browser side of [`Env`].
@@ -99,24 +114,20 @@ struct Browser {
 }
 
 impl Storage for Browser {
-    fn get(&self, key: &str) -> Option<String> {
-        get(key)
+    fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        take(get(key))
     }
 
-    fn set(&mut self, key: &str, value: &str) -> bool {
-        put(key, value)
+    fn set(&mut self, key: &[u8], value: &[u8]) -> bool {
+        put(key, value) > 0
     }
 
-    fn remove(&mut self, key: &str) {
+    fn remove(&mut self, key: &[u8]) {
         remove(key);
     }
 
-    fn keys(&self) -> Vec<String> {
-        let keys = keys();
-        text::fields(&keys, 0x1f)
-            .filter(|k| !k.is_empty())
-            .map(String::from)
-            .collect()
+    fn keys(&self) -> Vec<u8> {
+        take(keys()).unwrap_or_default()
     }
 }
 
@@ -136,35 +147,34 @@ impl Env for Browser {
         }
     }
 
-    fn send(&mut self, url: &str, body: &[u8], seq: u32) -> bool {
-        send(url, body, seq)
+    fn send(&mut self, body: &[u8], seq: u32) -> bool {
+        send(body, seq)
     }
 }
 
-/// Handles one loader message (see [`msg`]); returns when the timer should fire next (ms),
-/// or -1 for no timer. Messages before `start`, other than `init` before `init`, and
-/// re-entrant ones (which the loader never sends) are ignored.
+/// Handles one loader message of `len` bytes (see [`msg`]), which it pulls; returns when the
+/// timer should fire next (ms), or -1 for no timer. Messages before `init`, `init` after
+/// `init`, and re-entrant ones (which the loader never sends) are ignored.
 #[wasm_bindgen]
-pub fn m(message: &str) -> f64 {
+pub fn m(len: u32) -> f64 {
     let Ok(mut state) = STATE.0.try_borrow_mut() else {
         return NO_TICK;
     };
     let (browser, tracker) = &mut *state;
-    if message == "D" {
-        if let Some(t) = tracker {
-            debug(&t.debug().encode());
-        }
+    let Some(message) = take(len as i32) else {
         return NO_TICK;
-    }
-    match (msg::parse(message), tracker.as_mut()) {
-        (Some(Msg::Init(cfg)), None) => {
-            *tracker = Some(Tracker::new(cfg, browser));
+    };
+    let mut r = msg::Reader(&message);
+    match (msg::kind(&mut r), tracker.as_mut()) {
+        (msg::INIT, None) => {
+            tracker.insert(Tracker::EMPTY).start(&mut r, browser);
             0.0
         }
-        (Some(Msg::Signal(s)), Some(t)) => t.signal(browser, s),
-        (Some(Msg::Done(seq, status, retry_after)), Some(t)) => {
-            t.done(browser, seq, status, retry_after)
+        (msg::DEBUG, Some(t)) => {
+            debug(&t.debug());
+            NO_TICK
         }
+        (_, Some(t)) => t.handle(browser, &message),
         _ => NO_TICK,
     }
 }

@@ -7,11 +7,10 @@ use crate::consent::{ANALYTICS, MARKETING, PERSONALIZATION, Update};
 /// `navigator.globalPrivacyControl === true`: a default of marketing denied (the visitor
 /// opts out of sale and sharing; an explicit decision still wins).
 pub fn gpc(enabled: bool) -> Update {
-    let mut u = Update::default();
-    if enabled {
-        u.set(MARKETING, false);
+    Update {
+        grant: 0,
+        deny: if enabled { MARKETING } else { 0 },
     }
-    u
 }
 
 /// Bit `n` set: TCF purpose `n`.
@@ -39,11 +38,17 @@ pub const TCF_PURPOSES: [(u8, u16); 3] = [
 /// A TCF decision: `consents` has bit `n` set when `tcData.purpose.consents[n]` is true
 /// (sent once the CMP has loaded or the visitor has acted, and only where GDPR applies).
 pub fn tcf(consents: u16) -> Update {
-    let mut u = Update::default();
-    for (bit, needed) in TCF_PURPOSES {
-        u.set(bit, consents & needed == needed);
+    let mut grant = 0;
+    for &(bit, needed) in &TCF_PURPOSES {
+        if consents & needed == needed {
+            grant |= bit;
+        }
     }
-    u
+    // A TCF decision covers our three optional purposes: what is not granted is denied.
+    Update {
+        grant,
+        deny: (ANALYTICS | PERSONALIZATION | MARKETING) & !grant,
+    }
 }
 
 /// Consent Mode keys as the loader's bits: `analytics_storage`, `personalization_storage`,
@@ -64,28 +69,30 @@ pub struct Gcm {
 }
 
 impl Gcm {
+    /// No command seen yet.
+    pub const NONE: Gcm = Gcm {
+        granted: 0,
+        denied: 0,
+    };
+
     /// Merges one command (bit `i` of `granted`/`denied`: key `GCM_KEYS[i]` is
     /// `'granted'`/`'denied'`) and returns the state for the purposes it speaks about:
     /// analytics from `analytics_storage`, personalization from `personalization_storage`,
     /// marketing granted when `ad_user_data` and `ad_personalization` both are, denied when
     /// either is.
     pub fn command(&mut self, granted: u8, denied: u8) -> Update {
-        self.granted = (self.granted | granted) & !denied;
-        self.denied = (self.denied | denied) & !granted;
-        let mut u = Update::default();
-        for (key_bit, purpose) in [(1, ANALYTICS), (2, PERSONALIZATION)] {
-            if self.granted & key_bit != 0 {
-                u.set(purpose, true);
-            } else if self.denied & key_bit != 0 {
-                u.set(purpose, false);
-            }
+        // Merged so that no key is both granted and denied.
+        let g = (self.granted | granted) & !denied;
+        let d = (self.denied | denied) & !granted;
+        self.granted = g;
+        self.denied = d;
+        // Key bits 1 and 2 are purpose bits 2 and 4; marketing needs both ad keys (bits 4
+        // and 8) granted, and either denied denies it.
+        let marketing = |on: bool| if on { MARKETING } else { 0 };
+        Update {
+            grant: (g & 3) << 1 | marketing(g & 12 == 12),
+            deny: (d & 3) << 1 | marketing(d & 12 != 0),
         }
-        if self.denied & 12 != 0 {
-            u.set(MARKETING, false);
-        } else if self.granted & 12 == 12 {
-            u.set(MARKETING, true);
-        }
-        u
     }
 }
 

@@ -2,24 +2,22 @@
 //! batches out, answers back. The browser is behind [`Env`], so the whole flow runs in
 //! native tests.
 //!
-//! Recording an event only queues it; sealing (encoding), storage writes and sending happen
-//! in [`Tracker::tick`], which the loader runs from a timer. Every entry point returns when
-//! the next tick is due ([`NO_TICK`] for none).
+//! Recording an event only queues it; sealing, storage writes and sending happen in
+//! [`Tracker::tick`], which the loader runs from a timer. Every entry point returns when the
+//! next tick is due ([`NO_TICK`] for none).
 
-use alloc::rc::Rc;
-use alloc::string::String;
 use alloc::vec::Vec;
+use core::mem;
 
-use wire::{Context, EventKind};
+use wire::EventKind;
+use wire::encode::{EventRef, ValueRef};
 
-use crate::api::{self, Config};
 use crate::backoff::{self, Backoff, Outcome};
 use crate::batch;
-use crate::consent::{ANALYTICS, Consent, Gate, NECESSARY, PERSONALIZATION, State, Update};
-use crate::msg::Ev;
-use crate::page::PageViews;
-use crate::persist::{self, Header, Storage};
-use crate::queue::{self, Ctx, Piece, Queue, Segment};
+use crate::consent::{Consent, Gate, NECESSARY, State, Update};
+use crate::msg::{self, Config, Ev, Reader};
+use crate::persist::{self, Storage, Stored};
+use crate::queue::{Filter, Head, Queue};
 use crate::session::Session;
 use crate::signals::{self, Gcm};
 use crate::text;
@@ -27,22 +25,34 @@ use crate::text;
 /// Returned when no tick is needed.
 pub const NO_TICK: f64 = -1.0;
 /// The most events waiting to be sent (memory, and each tab's stored queue).
-pub const QUEUE_CAP: usize = 1000;
+pub const QUEUE_CAP: u32 = 1000;
 /// The most events waiting for consent (memory only).
-pub const HELD_CAP: usize = 200;
-/// After a beacon, whose fate is unknown, its batch is kept and sent again (the collector
+pub const HELD_CAP: u32 = 200;
+/// After a beacon, whose fate is unknown, its events are kept and sent again (the collector
 /// drops duplicates by message id) after this long (ms), or by the next page.
 pub const BEACON_HOLD_MS: f64 = 60_000.0;
 /// What one page may send by `sendBeacon` as it goes away (bytes): the browser's budget is
 /// 64 KiB for all keepalive requests in flight.
 pub const BEACON_BUDGET: usize = 60 * 1024;
 /// The name of the event that reports visible time on a page (property `engaged_ms`).
-pub const ENGAGED_EVENT: &str = "page_engaged";
-/// The `source` property of a consent change (in message form, see [`Ev`]): `pz.consent`,
-/// a TCF CMP, or Google Consent Mode.
-const FROM_API: &str = "source\u{1d}s\u{1d}api";
-const FROM_TCF: &str = "source\u{1d}s\u{1d}tcf";
-const FROM_GCM: &str = "source\u{1d}s\u{1d}gcm";
+pub const ENGAGED_EVENT: &[u8] = b"page_engaged";
+/// The last delivery error when a request could not even start (else it is the HTTP
+/// status, 0 for a network error).
+pub const SEND_FAILED: u16 = 1;
+
+// Where each string of the page context is kept in `Tracker::text`: its field id in
+// wire's `Context` (see `wire::encode::context_texts`).
+const URL: usize = 0;
+const REFERRER: usize = 1;
+/// The five UTM parameters, from here on.
+const UTM: usize = 2;
+const LOCALE: usize = 7;
+const TIMEZONE: usize = 8;
+const SESSION: usize = 11;
+const ANON: usize = 12;
+/// Right after [`ANON`]: `start` reads both stored ids in one loop.
+const USER: usize = 13;
+const _: () = assert!(USER == ANON + 1);
 
 /// What the tracker needs from the browser.
 pub trait Env: Storage {
@@ -50,68 +60,39 @@ pub trait Env: Storage {
     fn now(&self) -> f64;
     /// Fills `buf` with random bytes (`crypto.getRandomValues`).
     fn random(&mut self, buf: &mut [u8]);
-    /// Starts a POST of `body` to `url`. `seq` 0 means "the page is going away": use
-    /// `sendBeacon` (falling back to `fetch` with `keepalive`) and report nothing.
+    /// Starts a POST of `body` to the collector. `seq` 0 means "the page is going away":
+    /// use `sendBeacon` (falling back to `fetch` with `keepalive`) and report nothing.
     /// Otherwise use `fetch` with `keepalive` and report the answer with
     /// [`Tracker::done`]`(seq, ..)`. Returns `false` when the request could not start.
-    fn send(&mut self, url: &str, body: &[u8], seq: u32) -> bool;
-}
-
-/// A message from the loader, borrowing its text.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Signal<'a> {
-    /// The timer fired.
-    Tick,
-    /// An event from the page (without id and purpose; time 0: now).
-    Event(Ev<'a>),
-    /// `pz.consent(...)`: the visitor's decision.
-    Consent(Update),
-    /// `visibilitychange` to hidden.
-    Hidden,
-    /// `visibilitychange` to visible, or `pageshow` from the back-forward cache.
-    Visible,
-    /// `pagehide`: the page is going away.
-    PageHide,
-    /// Start, `pushState`, `replaceState`, `popstate`, `hashchange` or `pz.page()`: the URL
-    /// (`location.href`) and its UTM parameters, which may have changed.
-    Navigate(&'a str, [Option<&'a str>; 5]),
-    /// A click on an element with `data-track="<name>"`.
-    Click(&'a str),
-    /// Another tab changed the stored consent decisions.
-    ConsentSync,
-    /// A TCF decision: bit `n` set when TCF purpose `n` has consent.
-    Tcf(u16),
-    /// A Consent Mode command: `update` (else `default`) and the granted / denied key bits
-    /// (see [`signals::GCM_KEYS`]).
-    Gcm(bool, u8, u8),
-    /// `pz.flush()`.
-    Flush,
-    /// `pz.reset()`: a new anonymous id and session, no user id.
-    Reset,
+    fn send(&mut self, body: &[u8], seq: u32) -> bool;
 }
 
 /// The tracker's whole state.
+#[derive(Debug)]
 pub struct Tracker {
     cfg: Config,
     consent: Consent,
     gcm: Gcm,
-    tab: String,
-    anonymous_id: String,
-    user_id: Option<String>,
+    /// This tab's queue key (`pz_q_` and 16 random hex digits), also its name in the lease.
+    key: Vec<u8>,
     session: Session,
-    url: String,
-    referrer: String,
-    utm: [Option<String>; 5],
-    views: PageViews,
+    /// The strings of the page context, by field id: the page URL (`URL`), the referrer,
+    /// the UTM parameters, locale, time zone, session id, anonymous id and user id (empty:
+    /// none). One array, so that the context is encoded by one loop.
+    text: [Vec<u8>; 14],
+    /// The automatic page view of this URL, which `pz.page()` names while it is unsealed.
     last_view: Option<[u8; 16]>,
     visible_since: Option<f64>,
     engaged_ms: f64,
-    ctx: Ctx,
+    /// The encoded context of events recorded now.
+    ctx: Vec<u8>,
     queue: Queue,
-    /// Events waiting for consent (memory only), in segments; their mask is set when they
-    /// are released.
-    held: Vec<Segment>,
+    /// Events waiting for consent (memory only); their mask is set when they are released.
+    held: Queue,
+    dropped: u32,
     held_dropped: u32,
+    consent_dropped: u32,
+    sent: u32,
     seq: u32,
     in_flight: u32,
     backoff: Backoff,
@@ -120,77 +101,120 @@ pub struct Tracker {
     dirty: bool,
     closed: bool,
     saved_at: f64,
-    sent: u32,
-    consent_dropped: u32,
-    last_error: String,
+    error: Option<u16>,
 }
 
 impl Tracker {
-    /// Starts tracking with `cfg`: restores consent decisions and, where storage is allowed,
-    /// the ids, the session and the queues that closed tabs left. The first
-    /// [`Signal::Navigate`] records the first page view.
-    pub fn new(cfg: Config, env: &mut impl Env) -> Tracker {
+    /// A tracker before `init`: every setting at its default, nothing recorded. A
+    /// constant, so that it is copied into place rather than built field by field.
+    pub const EMPTY: Tracker = Tracker {
+        cfg: Config::DEFAULT,
+        consent: Consent::NONE,
+        gcm: Gcm::NONE,
+        key: Vec::new(),
+        session: Session {
+            start: 0.0,
+            last: 0.0,
+        },
+        text: [const { Vec::new() }; 14],
+        last_view: None,
+        visible_since: None,
+        engaged_ms: 0.0,
+        ctx: Vec::new(),
+        queue: Queue(Vec::new()),
+        held: Queue(Vec::new()),
+        dropped: 0,
+        held_dropped: 0,
+        consent_dropped: 0,
+        sent: 0,
+        seq: 0,
+        in_flight: 0,
+        backoff: Backoff::NONE,
+        retry_at: 0.0,
+        forced: false,
+        dirty: false,
+        closed: false,
+        saved_at: 0.0,
+        error: None,
+    };
+
+    /// Starts an [`EMPTY`](Self::EMPTY) tracker with the settings of an `init` message
+    /// (`r` is past its type): restores consent decisions and, where storage is allowed,
+    /// the ids, the session and the queues that closed tabs left. The first navigation
+    /// message records the first page view.
+    pub fn start(&mut self, r: &mut Reader<'_>, env: &mut impl Env) {
+        msg::init(r, &mut self.cfg);
         let now = env.now();
-        let mut consent = Consent::default();
+        let c = &mut self.consent;
         if let Some(stored) = env.get(persist::CONSENT_KEY) {
-            consent.load_decisions(&stored);
+            c.load_decisions(&stored);
         }
-        consent.set_default(cfg.defaults);
-        consent.set_default(signals::gpc(cfg.gpc));
-        let mut t = Tracker {
-            consent,
-            gcm: Gcm::default(),
-            tab: random_hex(env),
-            anonymous_id: new_id(env),
-            user_id: None,
-            session: Session::default(),
-            url: String::new(),
-            referrer: cfg.referrer.clone(),
-            utm: Default::default(),
-            views: PageViews::default(),
-            last_view: None,
-            visible_since: cfg.visible.then_some(now),
-            engaged_ms: 0.0,
-            ctx: Rc::new(Vec::new()),
-            queue: Queue::new(QUEUE_CAP),
-            held: Vec::new(),
-            held_dropped: 0,
-            seq: 0,
-            in_flight: 0,
-            backoff: Backoff::default(),
-            retry_at: 0.0,
-            forced: false,
-            dirty: false,
-            closed: false,
-            saved_at: 0.0,
-            sent: 0,
-            consent_dropped: 0,
-            last_error: String::new(),
-            cfg,
-        };
-        if t.consent.storage_allowed() {
-            if let Some(id) = env.get(persist::ANON_KEY).filter(|s| api::id(s).is_some()) {
-                t.anonymous_id = id;
+        c.set_default(self.cfg.defaults);
+        c.set_default(signals::gpc(self.cfg.gpc));
+        self.key.extend_from_slice(persist::QUEUE_PREFIX);
+        text::push_hex(&mut self.key, &random::<8>(env));
+        self.text[ANON] = text::uuid(random(env));
+        let (c, t) = (&mut self.cfg, &mut self.text);
+        mem::swap(&mut t[REFERRER], &mut c.referrer);
+        mem::swap(&mut t[LOCALE], &mut c.locale);
+        mem::swap(&mut t[TIMEZONE], &mut c.timezone);
+        self.visible_since = self.cfg.visible.then_some(now);
+        if self.consent.storage_allowed() {
+            for (id, key) in self.text[ANON..]
+                .iter_mut()
+                .zip(&[persist::ANON_KEY, persist::USER_KEY])
+            {
+                if let Some(stored) = env.get(key).filter(|s| text::is_id(s)) {
+                    *id = stored;
+                }
             }
-            t.user_id = env.get(persist::USER_KEY).filter(|s| api::id(s).is_some());
-            t.sync_session(env);
-            t.store_ids(env);
-            t.adopt(env, now);
+            self.sync_session(env);
+            self.store_ids(env);
+            self.adopt(env, now);
         }
-        t.refresh_ctx();
-        t
+        self.refresh_ctx();
     }
 
-    /// Handles a message from the loader.
-    pub fn signal(&mut self, env: &mut impl Env, signal: Signal<'_>) -> f64 {
+    /// Handles a message from the loader (see [`msg`]; `init` and `debug` are for the
+    /// caller). Returns when the next tick is due.
+    pub fn handle(&mut self, env: &mut impl Env, message: &[u8]) -> f64 {
         let now = env.now();
-        match signal {
-            Signal::Tick => return self.tick(env),
-            Signal::Event(e) => self.api_event(env, e, now),
-            Signal::Consent(u) => self.apply_consent(env, u, true, FROM_API, now),
-            Signal::Hidden => self.hide(env, now, false),
-            Signal::PageHide => self.hide(env, now, true),
-            Signal::Visible => {
+        let mut r = Reader(message);
+        match msg::kind(&mut r) {
+            msg::EVENT => {
+                if let Some(e) = msg::event(&mut r) {
+                    self.api_event(env, e, now);
+                }
+            }
+            msg::NAVIGATION => {
+                let (url, utm) = msg::navigation(&mut r);
+                self.navigate(env, url, utm, now);
+            }
+            msg::CONSENT => self.apply_consent(env, msg::update(&mut r), true, b"api", now),
+            msg::TCF => {
+                let u = signals::tcf(r.int() as u16);
+                self.apply_consent(env, u, true, b"tcf", now);
+            }
+            kind @ (msg::GCM_DEFAULT | msg::GCM_UPDATE) => {
+                let (granted, denied) = msg::bits(&mut r);
+                let u = self.gcm.command(granted, denied);
+                self.apply_consent(env, u, kind == msg::GCM_UPDATE, b"gcm", now);
+            }
+            msg::CLICK => {
+                let name = r.text();
+                if self.cfg.track_clicks && !name.is_empty() {
+                    let mut ev = self.event(env, EventKind::Track, now);
+                    ev.head.name = Some(name);
+                    self.record(&ev);
+                }
+            }
+            msg::ANSWER => {
+                let (seq, status, retry_after) = msg::answer(&mut r);
+                return self.done(env, seq, status, retry_after);
+            }
+            msg::TICK => return self.tick(env),
+            msg::HIDDEN => self.hide(env, now, false),
+            msg::VISIBLE => {
                 if self.visible_since.is_none() {
                     self.visible_since = Some(now);
                 }
@@ -198,153 +222,133 @@ impl Tracker {
                 self.dirty = true;
                 self.sync_session(env);
             }
-            Signal::Navigate(url, utm) => self.navigate(env, url, utm, now),
-            Signal::Click(name) => {
-                if self.cfg.track_clicks
-                    && let Some(name) = api::text(name)
-                {
-                    let mut ev = self.event(env, EventKind::Track, now);
-                    ev.head.name = Some(name);
-                    self.record(&ev);
-                }
-            }
-            Signal::ConsentSync => {
+            msg::PAGEHIDE => self.hide(env, now, true),
+            msg::CONSENT_SYNC => {
                 let before = self.consent;
                 if let Some(stored) = env.get(persist::CONSENT_KEY) {
                     self.consent.load_decisions(&stored);
                 }
                 self.consent_moved(env, before, now);
             }
-            Signal::Tcf(bits) => self.apply_consent(env, signals::tcf(bits), true, FROM_TCF, now),
-            Signal::Gcm(update, granted, denied) => {
-                let u = self.gcm.command(granted, denied);
-                self.apply_consent(env, u, update, FROM_GCM, now);
-            }
-            Signal::Flush => self.forced = true,
-            Signal::Reset => {
-                self.anonymous_id = new_id(env);
+            msg::FLUSH => self.forced = true,
+            msg::RESET => {
+                self.text[ANON] = text::uuid(random(env));
                 self.session = Session::default();
-                self.user_id = None;
+                self.text[USER].clear();
                 self.store_ids(env);
-                self.touch_session(now);
+                self.session.touch(now, self.cfg.session_timeout);
                 self.refresh_ctx();
                 self.dirty = true;
             }
+            _ => return NO_TICK,
         }
         self.next_tick(now)
     }
 
-    /// The timer: seals due events into batches, stores what changed, and sends the oldest
-    /// batch unless one is in flight or a retry is waiting.
+    /// The timer: seals due events, stores what changed, and sends the next batch unless
+    /// one is in flight or a retry is waiting.
     pub fn tick(&mut self, env: &mut impl Env) -> f64 {
         let now = env.now();
-        let q = &self.queue;
-        let due = self.cfg.policy.due(
-            q.unsealed(),
-            batch::unsealed_bytes(q),
-            q.oldest_unsealed(),
-            now,
-            self.forced,
-        );
-        if due == Some(0.0) {
-            batch::seal(&mut self.queue, &self.cfg.write_key, now, &self.cfg.policy);
+        let s = self.queue.stats(now);
+        let policy = self.cfg.policy;
+        if policy.due(s.unsealed, s.unsealed_bytes, s.oldest, now, self.forced) == Some(0.0) {
+            self.queue.seal();
             self.dirty = true;
         }
         self.forced = false;
-        let refresh = self.consent.storage_allowed()
-            && !self.queue.sealed.is_empty()
-            && now - self.saved_at >= persist::REFRESH_MS;
+        let refresh = s.events > 0 && now - self.saved_at >= persist::REFRESH_MS;
         if self.dirty || refresh {
             self.save(env, now);
         }
-        if self.in_flight == 0 && now >= self.retry_at {
+        if self.in_flight == 0
+            && now >= self.retry_at
+            && let Some(b) = batch::next(&self.queue, now, &policy, &self.cfg.write_key)
+        {
             self.seq = self.seq.wrapping_add(1).max(1);
-            let seq = self.seq;
-            if let Some(b) = self.queue.next_sendable(now) {
-                wire::encode::set_sent_at(&mut b.body, now as i64);
-                b.seq = seq;
-                self.in_flight = seq;
-                if !env.send(&self.cfg.endpoint, &b.body, seq) {
-                    self.in_flight = 0;
-                    self.queue.release(seq);
-                    self.fail(env, now, None, "send failed");
-                }
+            let body = batch::body(&self.queue, &b, &self.cfg.write_key, now);
+            if env.send(&body, self.seq) {
+                batch::mark(&mut self.queue, &b, self.seq, 0.0);
+                self.in_flight = self.seq;
+            } else {
+                self.fail(env, now, None, SEND_FAILED);
             }
         }
         self.next_tick(now)
     }
 
     /// The collector answered request `seq` with `status` (0: network error) and maybe a
-    /// `Retry-After` header.
-    pub fn done(
-        &mut self,
-        env: &mut impl Env,
-        seq: u32,
-        status: u16,
-        retry_after: Option<&str>,
-    ) -> f64 {
+    /// `Retry-After` header (seconds; NaN: none).
+    pub fn done(&mut self, env: &mut impl Env, seq: u32, status: u16, retry_after: f64) -> f64 {
         let now = env.now();
         if seq != 0 && seq == self.in_flight {
             self.in_flight = 0;
             self.dirty = true;
             match backoff::outcome(status) {
                 Outcome::Ack => {
-                    self.sent += self.queue.finish(seq);
+                    self.sent += self.queue.remove(seq, 0);
                     self.backoff.reset();
                     self.retry_at = 0.0;
                 }
                 Outcome::Drop => {
-                    self.queue.finish(seq);
-                    self.last_error = status_text(status);
+                    self.queue.remove(seq, 0);
+                    self.error = Some(status);
                 }
                 Outcome::Retry => {
                     self.queue.release(seq);
-                    let error = status_text(status);
-                    self.fail(env, now, backoff::retry_after_ms(retry_after), &error);
+                    let retry_after = backoff::retry_after_ms(retry_after);
+                    self.fail(env, now, retry_after, status);
                 }
             }
         }
         self.next_tick(now)
     }
 
-    /// The state for tests and debugging (`pz.debug()`).
-    pub fn debug(&self) -> Debug<'_> {
-        let in_flight = self
-            .queue
-            .sealed
-            .iter()
-            .filter(|b| b.seq != 0)
-            .map(|b| b.count)
-            .sum();
-        let mut consent = [State::Pending; 4];
-        for (i, c) in consent.iter_mut().enumerate() {
-            *c = self.consent.state(1 << i);
+    /// The state for tests and debugging (`pz.debug()`), as text: the counts in decimal
+    /// (events queued, held for consent, in flight, dropped from the full queue, dropped
+    /// from the full held list, dropped for lack of consent, sent, failed tries since the
+    /// last success), one letter per purpose (`g`ranted, `d`enied, `p`ending) and `1` or
+    /// `0` for persistent, the last delivery error (empty: none; [`SEND_FAILED`], else the
+    /// HTTP status, 0 for a network error), then the anonymous id, the user id and the
+    /// session id; fields separated by U+001F. Text, not JSON: escaping JSON in Rust costs
+    /// more wasm than the few lines of script that build the object.
+    pub fn debug(&self) -> Vec<u8> {
+        let s = self.queue.stats(0.0);
+        let mut out = Vec::new();
+        for &n in &[
+            s.events,
+            self.held.stats(0.0).events,
+            s.in_flight,
+            self.dropped,
+            self.held_dropped,
+            self.consent_dropped,
+            self.sent,
+            self.backoff.attempts(),
+        ] {
+            text::push_u64(&mut out, u64::from(n));
+            out.extend_from_slice(b"\x1f");
         }
-        Debug {
-            counts: [
-                self.queue.len() as u32,
-                held(&self.held) as u32,
-                in_flight,
-                self.queue.dropped,
-                self.held_dropped,
-                self.consent_dropped,
-                self.sent,
-                self.backoff.attempts(),
-            ],
-            consent,
-            persistent: self.consent.storage_allowed(),
-            ids: [
-                &self.anonymous_id,
-                self.user_id.as_deref().unwrap_or(""),
-                &self.session.id,
-                &self.last_error,
-            ],
+        for i in 0..4 {
+            out.extend_from_slice(match self.consent.state(1 << i) {
+                State::Granted => b"g",
+                State::Denied => b"d",
+                State::Pending => b"p",
+            });
         }
+        let persistent = self.consent.storage_allowed();
+        out.extend_from_slice(if persistent { b"1\x1f" } else { b"0\x1f" });
+        if let Some(e) = self.error {
+            text::push_u64(&mut out, u64::from(e));
+        }
+        for id in &[&self.text[ANON], &self.text[USER], &self.text[SESSION]] {
+            out.extend_from_slice(b"\x1f");
+            out.extend_from_slice(id);
+        }
+        out
     }
 
     fn api_event(&mut self, env: &mut impl Env, ev: Ev<'_>, now: f64) {
         // Declared before `ev`, which may borrow it (an alias's previous id).
-        let previous: String;
+        let previous: Vec<u8>;
         let mut ev = ev;
         let ts = if ev.head.timestamp_ms > 0 {
             ev.head.timestamp_ms as f64
@@ -356,28 +360,23 @@ impl Tracker {
             EventKind::Page => {
                 // The automatic view of this URL, while unsealed, takes the name and
                 // properties instead of a second view being counted.
-                if let Some(id) = self.last_view.take() {
-                    let segments = self.queue.segments.iter_mut().chain(self.held.iter_mut());
-                    for s in segments {
-                        for view in s.events.iter_mut() {
-                            if view.id == id {
-                                ev.head.message_id = id;
-                                ev.head.timestamp_ms = view.ts as i64;
-                                view.bytes = ev.piece();
-                                return;
-                            }
-                        }
-                    }
+                if let Some(id) = self.last_view.take()
+                    && let Some(ts) = self.queue.take(id).or_else(|| self.held.take(id))
+                {
+                    ev.head.message_id = id;
+                    ev.head.timestamp_ms = ts as i64;
                 }
             }
             EventKind::Identify | EventKind::Alias => {
                 let Some(user) = ev.head.user_id else {
                     return;
                 };
-                previous = self
-                    .user_id
-                    .replace(user.into())
-                    .unwrap_or(self.anonymous_id.clone());
+                let before = mem::replace(&mut self.text[USER], text::copied(user));
+                previous = if before.is_empty() {
+                    self.text[ANON].clone()
+                } else {
+                    before
+                };
                 self.store_ids(env);
                 self.refresh_ctx();
                 if ev.head.kind == EventKind::Alias {
@@ -395,7 +394,7 @@ impl Tracker {
         env: &mut impl Env,
         u: Update,
         decision: bool,
-        source: &str,
+        source: &[u8],
         now: f64,
     ) {
         let before = self.consent;
@@ -415,10 +414,11 @@ impl Tracker {
         // state, so the profile's audit trail is complete from the moment it exists.
         let optional = (before.granted() | self.consent.granted()) & !NECESSARY;
         if decided && optional != 0 {
+            let props = [(&b"source"[..], ValueRef::String(source))];
             let mut ev = self.event(env, EventKind::ConsentChange, now);
             ev.head.consent_granted = self.consent.granted();
             ev.head.consent_denied = self.consent.denied();
-            ev.properties = source;
+            ev.head.properties = &props;
             self.record(&ev);
         }
     }
@@ -429,40 +429,37 @@ impl Tracker {
         let newly_denied = self.consent.denied() & !before.denied();
         let granted = self.consent.granted();
         if newly_denied != 0 {
-            self.consent_dropped += self.queue.purge(newly_denied);
-            persist::purge(env, newly_denied);
+            self.consent_dropped += self.queue.remove(0, newly_denied);
+            persist::purge(env, &self.key, newly_denied);
             self.dirty = true;
         }
-        for s in core::mem::take(&mut self.held) {
-            if s.need & newly_denied != 0 {
-                self.consent_dropped += s.events.len() as u32;
-            } else if self.consent.gate(s.need) == Gate::Send {
-                for ev in s.events {
-                    self.queue.push(ev, &s.ctx, granted, s.need);
-                }
-            } else {
-                self.held.push(s);
-            }
-        }
-        let could_store = before.granted() & (ANALYTICS | PERSONALIZATION) != 0;
-        match (could_store, self.consent.storage_allowed()) {
+        // Held events that need a newly denied purpose go; those now allowed are queued.
+        self.consent_dropped += self.held.remove(0, newly_denied);
+        self.held.update(Filter::Release {
+            granted,
+            into: &mut self.queue,
+        });
+        self.dropped += self.queue.trim(QUEUE_CAP);
+        match (before.storage_allowed(), self.consent.storage_allowed()) {
             (false, true) => {
                 self.store_ids(env);
                 self.adopt(env, now);
                 self.dirty = true;
             }
             (true, false) => {
-                for key in [persist::ANON_KEY, persist::USER_KEY, persist::SESSION_KEY] {
+                for key in &[persist::ANON_KEY, persist::USER_KEY, persist::SESSION_KEY] {
                     env.remove(key);
                 }
-                env.remove(&persist::queue_key(&self.tab));
+                env.remove(&self.key);
             }
             _ => {}
         }
     }
 
-    fn navigate(&mut self, env: &mut impl Env, url: &str, utm: [Option<&str>; 5], now: f64) {
-        if url == self.url {
+    fn navigate(&mut self, env: &mut impl Env, url: &[u8], utm: [&[u8]; 5], now: f64) {
+        // pushState, replaceState, popstate and hashchange often fire together or repeat:
+        // a page view is counted once per URL change.
+        if url == self.text[URL] {
             return;
         }
         if let Some(since) = self.visible_since {
@@ -470,19 +467,21 @@ impl Tracker {
             self.visible_since = Some(now);
         }
         self.report_engaged(env, now);
-        let previous = core::mem::replace(&mut self.url, url.into());
-        if !previous.is_empty() {
-            self.referrer = previous;
+        // The previous URL is the referrer; buffers are reused, not replaced.
+        let [url_text, referrer, ..] = &mut self.text;
+        if !url_text.is_empty() {
+            mem::swap(referrer, url_text);
         }
-        if utm.iter().any(Option::is_some) {
-            self.utm = utm.map(|u| u.map(String::from));
+        copy(url_text, url);
+        if utm.iter().any(|u| !u.is_empty()) {
+            for (d, s) in self.text[UTM..].iter_mut().zip(&utm) {
+                copy(d, s);
+            }
         }
         self.refresh_ctx();
-        if self.views.count(&self.url) {
-            let ev = self.event(env, EventKind::Page, now);
-            self.last_view = Some(ev.head.message_id);
-            self.record(&ev);
-        }
+        let ev = self.event(env, EventKind::Page, now);
+        self.last_view = Some(ev.head.message_id);
+        self.record(&ev);
     }
 
     fn hide(&mut self, env: &mut impl Env, now: f64, closed: bool) {
@@ -492,21 +491,19 @@ impl Tracker {
         self.report_engaged(env, now);
         // Everything goes out now, within the beacon budget, and stays queued (and stored)
         // until an answer confirms it, which a beacon never gives.
-        batch::seal(&mut self.queue, &self.cfg.write_key, now, &self.cfg.policy);
+        self.queue.seal();
         let mut budget = BEACON_BUDGET;
-        while let Some(b) = self.queue.next_sendable(now) {
-            if b.body.len() > budget {
+        let key = &self.cfg.write_key;
+        while let Some(b) = batch::next(&self.queue, now, &self.cfg.policy, key) {
+            let body = batch::body(&self.queue, &b, key, now);
+            if body.len() > budget || !env.send(&body, 0) {
                 break;
             }
-            wire::encode::set_sent_at(&mut b.body, now as i64);
-            if !env.send(&self.cfg.endpoint, &b.body, 0) {
-                break;
-            }
-            b.hold_until = now + BEACON_HOLD_MS;
-            budget -= b.body.len();
+            batch::mark(&mut self.queue, &b, 0, now + BEACON_HOLD_MS);
+            budget -= body.len();
         }
         // Browsers fire `pagehide` before the last `visibilitychange`: a page that has gone
-        // stays gone until `pageshow` (Signal::Visible) brings it back.
+        // stays gone until `pageshow` (a visible message) brings it back.
         self.closed |= closed;
         self.save(env, now);
     }
@@ -515,17 +512,19 @@ impl Tracker {
         let ms = self.engaged_ms as i64;
         self.engaged_ms = 0.0;
         if ms > 0 {
-            let mut props = String::from("engaged_ms\u{1d}n\u{1d}");
-            text::push_u64(&mut props, ms as u64);
+            let props = [(&b"engaged_ms"[..], ValueRef::Int(ms))];
             let mut ev = self.event(env, EventKind::Track, now);
             ev.head.name = Some(ENGAGED_EVENT);
-            ev.properties = &props;
+            ev.head.properties = &props;
             self.record(&ev);
         }
     }
 
-    fn event(&mut self, env: &mut impl Env, kind: EventKind, ts: f64) -> Ev<'static> {
-        let mut ev = Ev::default();
+    fn event<'a>(&mut self, env: &mut impl Env, kind: EventKind, ts: f64) -> Ev<'a> {
+        let mut ev = Ev {
+            head: EventRef::EMPTY,
+            lists: &[],
+        };
         ev.head.kind = kind;
         self.stamp(env, &mut ev, ts);
         ev
@@ -534,7 +533,7 @@ impl Tracker {
     /// Gives `ev` a new message id, the time `ts` and its kind's declared purpose.
     fn stamp(&mut self, env: &mut impl Env, ev: &mut Ev<'_>, ts: f64) {
         let e = &mut ev.head;
-        env.random(&mut e.message_id);
+        e.message_id = random(env);
         e.message_id[6] |= 1; // never all zero
         e.timestamp_ms = ts as i64;
         e.purpose = self.cfg.purposes[e.kind as usize];
@@ -543,43 +542,26 @@ impl Tracker {
     /// Puts `ev` through the consent gate, encoded.
     fn record(&mut self, ev: &Ev<'_>) {
         let e = &ev.head;
-        if self.touch_session(e.timestamp_ms as f64) {
+        let ts = e.timestamp_ms as f64;
+        if self.session.touch(ts, self.cfg.session_timeout) {
             self.refresh_ctx();
         }
         let need = e.purpose.bit() | e.kind.least_purpose().bit();
-        let gate = self.consent.gate(need);
-        if gate == Gate::Drop {
-            self.consent_dropped += 1;
-            return;
-        }
-        let piece = Piece {
-            id: e.message_id,
-            ts: e.timestamp_ms as f64,
-            bytes: ev.piece(),
-        };
-        match gate {
-            Gate::Send => self
-                .queue
-                .push(piece, &self.ctx, self.consent.granted(), need),
-            Gate::Hold => {
-                if held(&self.held) >= HELD_CAP
-                    && let Some(first) = self.held.first_mut()
-                {
-                    first.events.remove(0);
-                    if first.events.is_empty() {
-                        self.held.remove(0);
-                    }
-                    self.held_dropped += 1;
-                }
-                queue::append(&mut self.held, piece, &self.ctx, 0, need);
+        let (queue, mask) = match self.consent.gate(need) {
+            Gate::Drop => {
+                self.consent_dropped += 1;
+                return;
             }
-            Gate::Drop => {}
-        }
-    }
-
-    /// Records activity; returns whether a new session started.
-    fn touch_session(&mut self, ts: f64) -> bool {
-        self.session.touch(ts, self.cfg.session_timeout)
+            Gate::Send => (&mut self.queue, self.consent.granted()),
+            Gate::Hold => (&mut self.held, 0),
+        };
+        queue.push(
+            Head::new(e.message_id, ts, need, mask),
+            &self.ctx,
+            &ev.piece(),
+        );
+        self.dropped += self.queue.trim(QUEUE_CAP);
+        self.held_dropped += self.held.trim(HELD_CAP);
     }
 
     fn sync_session(&mut self, env: &mut impl Env) {
@@ -590,36 +572,34 @@ impl Tracker {
             .get(persist::SESSION_KEY)
             .as_deref()
             .and_then(Session::decode)
+            && stored.last > self.session.last
         {
-            let id = self.session.id.clone();
-            self.session.merge(stored);
-            if self.session.id != id {
-                self.refresh_ctx();
-            }
+            // Another tab saw activity more recently: its session is this one.
+            self.session = stored;
+            self.refresh_ctx();
         }
     }
 
     fn store_ids(&mut self, env: &mut impl Env) {
         if self.consent.storage_allowed() {
-            env.set(persist::ANON_KEY, &self.anonymous_id);
-            match &self.user_id {
-                Some(u) => env.set(persist::USER_KEY, u),
-                None => {
-                    env.remove(persist::USER_KEY);
-                    true
-                }
-            };
+            env.set(persist::ANON_KEY, &self.text[ANON]);
+            let user = &self.text[USER];
+            if user.is_empty() {
+                env.remove(persist::USER_KEY);
+            } else {
+                env.set(persist::USER_KEY, user);
+            }
         }
     }
 
     fn adopt(&mut self, env: &mut impl Env, now: f64) {
-        let consent = self.consent;
-        let mut adopted = persist::adopt(env, &self.tab, now);
-        let before = adopted.len();
-        adopted.retain(|b| consent.gate(b.need) != Gate::Drop);
-        self.consent_dropped += (before - adopted.len()) as u32;
+        let mut adopted = persist::adopt(env, &self.key, now);
+        // What needs a denied purpose is dropped (what a pending one, sent: it was collected
+        // with consent).
+        self.consent_dropped += adopted.remove(0, self.consent.denied());
         if !adopted.is_empty() {
-            self.queue.extend_sealed(adopted);
+            self.queue.0.extend_from_slice(&adopted.0);
+            self.dropped += self.queue.trim(QUEUE_CAP);
             self.dirty = true;
         }
     }
@@ -630,179 +610,65 @@ impl Tracker {
             return;
         }
         self.saved_at = now;
-        let header = Header {
+        let stored = Stored {
             closed: self.closed,
             written: now,
+            queue: mem::take(&mut self.queue),
         };
-        persist::save(env, &self.tab, &self.queue.sealed, header);
-        if !self.session.id.is_empty() {
+        persist::save(env, &self.key, &stored);
+        self.queue = stored.queue;
+        if self.session.start > 0.0 {
             env.set(persist::SESSION_KEY, &self.session.encode());
         }
     }
 
     fn refresh_ctx(&mut self) {
-        let opt = |s: &str, max| {
-            let s = text::clip(s, max);
-            (!s.is_empty()).then(|| String::from(s))
-        };
-        let utm = |i: usize| {
-            self.utm[i]
-                .as_deref()
-                .and_then(|u| opt(u, wire::decode::MAX_STRING_BYTES))
-        };
-        self.ctx = Rc::new(wire::encode::context(&Context {
-            page_url: opt(&self.url, wire::decode::MAX_URL_BYTES),
-            referrer: opt(&self.referrer, wire::decode::MAX_URL_BYTES),
-            utm_source: utm(0),
-            utm_medium: utm(1),
-            utm_campaign: utm(2),
-            utm_term: utm(3),
-            utm_content: utm(4),
-            locale: self.cfg.locale.clone(),
-            timezone: self.cfg.timezone.clone(),
-            screen_width: self.cfg.screen.0,
-            screen_height: self.cfg.screen.1,
-            session_id: opt(&self.session.id, 64),
-            anonymous_id: opt(&self.anonymous_id, api::MAX_ID_BYTES),
-            user_id: self.user_id.clone(),
-        }));
+        self.text[SESSION] = self.session.id();
+        let (w, h) = self.cfg.screen;
+        self.ctx = wire::encode::context_texts(&self.text, w, h);
     }
 
-    fn fail(&mut self, env: &mut impl Env, now: f64, retry_after: Option<f64>, error: &str) {
-        let mut r = [0u8; 4];
-        env.random(&mut r);
-        let random = f64::from(u32::from_le_bytes(r)) / 4_294_967_296.0;
+    fn fail(&mut self, env: &mut impl Env, now: f64, retry_after: Option<f64>, error: u16) {
+        let random = f64::from(u32::from_le_bytes(random(env))) / 4_294_967_296.0;
         self.retry_at = now + self.backoff.fail(retry_after, random);
-        self.last_error = error.into();
+        self.error = Some(error);
     }
 
     fn next_tick(&self, now: f64) -> f64 {
         if self.dirty {
             return 0.0;
         }
-        let mut next = f64::INFINITY;
-        let mut at = |t: f64| {
-            if t < next {
-                next = t;
-            }
-        };
-        let q = &self.queue;
+        let s = self.queue.stats(now);
         let policy = &self.cfg.policy;
-        if let Some(wait) = policy.due(
-            q.unsealed(),
-            batch::unsealed_bytes(q),
-            q.oldest_unsealed(),
-            now,
-            self.forced,
-        ) {
-            at(wait);
-        }
+        let mut next = policy
+            .due(s.unsealed, s.unsealed_bytes, s.oldest, now, self.forced)
+            .unwrap_or(f64::INFINITY);
         if self.in_flight == 0 {
-            if q.sealed.iter().any(|b| b.sendable(now)) {
-                at(self.retry_at - now);
+            if s.sendable {
+                next = next.min(self.retry_at - now);
             }
-            if let Some(h) = q.next_hold(now) {
-                at(h - now);
-            }
+            next = next.min(s.next_hold - now);
         }
-        if self.consent.storage_allowed() && !q.sealed.is_empty() {
-            at(self.saved_at + persist::REFRESH_MS - now);
+        if self.consent.storage_allowed() && s.events > 0 {
+            next = next.min(self.saved_at + persist::REFRESH_MS - now);
         }
         if next == f64::INFINITY {
             NO_TICK
-        } else if next < 0.0 {
-            0.0
         } else {
-            next
+            next.max(0.0)
         }
     }
 }
 
-/// A snapshot of the tracker's state, for tests and debugging.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Debug<'a> {
-    /// Events queued, held for consent, in flight, dropped from the full queue, dropped
-    /// from the full held list, dropped for lack of consent, and sent (acknowledged); then
-    /// failed tries since the last success. In the order of [`Debug::COUNTS`].
-    pub counts: [u32; 8],
-    /// The state of each purpose, by wire value.
-    pub consent: [State; 4],
-    /// Whether ids and queue are kept in localStorage.
-    pub persistent: bool,
-    /// Anonymous id, user id, session id, last delivery error; empty when none.
-    pub ids: [&'a str; 4],
+/// Makes `to` a copy of `from`, in its own buffer.
+fn copy(to: &mut Vec<u8>, from: &[u8]) {
+    to.clear();
+    to.extend_from_slice(from);
 }
 
-impl Debug<'_> {
-    /// The names of [`Debug::counts`], as `pz.debug()` shows them.
-    pub const COUNTS: [&'static str; 8] = [
-        "queued",
-        "held",
-        "inFlight",
-        "dropped",
-        "heldDropped",
-        "consentDropped",
-        "sent",
-        "retries",
-    ];
-
-    /// The count named `name` (one of [`Debug::COUNTS`]).
-    pub fn count(&self, name: &str) -> Option<u32> {
-        let i = Self::COUNTS.iter().position(|n| *n == name)?;
-        Some(self.counts[i])
-    }
-
-    /// The text the loader turns into `pz.debug()`'s object: the counts, one letter per
-    /// purpose (`g`ranted, `d`enied, `p`ending), `1` or `0` for persistent, then the ids,
-    /// separated by U+001F. Text, not JSON: escaping JSON in Rust costs more wasm than the
-    /// few lines of script that build the object.
-    pub fn encode(&self) -> String {
-        let mut s = String::new();
-        for n in self.counts {
-            text::push_u64(&mut s, u64::from(n));
-            s.push('\u{1f}');
-        }
-        for c in self.consent {
-            s.push(match c {
-                State::Granted => 'g',
-                State::Denied => 'd',
-                State::Pending => 'p',
-            });
-        }
-        s.push(if self.persistent { '1' } else { '0' });
-        for id in self.ids {
-            s.push('\u{1f}');
-            s.push_str(id);
-        }
-        s
-    }
-}
-
-/// How many events wait in `segments`.
-fn held(segments: &[Segment]) -> usize {
-    segments.iter().map(|s| s.events.len()).sum()
-}
-
-fn new_id(env: &mut impl Env) -> String {
-    let mut b = [0u8; 16];
+/// `N` random bytes.
+fn random<const N: usize>(env: &mut impl Env) -> [u8; N] {
+    let mut b = [0; N];
     env.random(&mut b);
-    text::uuid(b)
-}
-
-fn random_hex(env: &mut impl Env) -> String {
-    let mut b = [0u8; 8];
-    env.random(&mut b);
-    let mut s = String::new();
-    text::push_hex(&mut s, &b);
-    s
-}
-
-fn status_text(status: u16) -> String {
-    if status == 0 {
-        "network error".into()
-    } else {
-        let mut s = String::from("HTTP ");
-        text::push_u64(&mut s, u64::from(status));
-        s
-    }
+    b
 }

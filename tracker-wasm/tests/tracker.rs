@@ -5,21 +5,23 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::rc::Rc;
 
-use tracker_wasm::msg::{self, Msg};
-use tracker_wasm::{Env, Signal, Storage, Tracker};
+use tracker_wasm::msg::{self, Reader};
+use tracker_wasm::{Env, Storage, Tracker};
 use wire::{Batch, EventKind, Value};
+
+type Shared = Rc<RefCell<BTreeMap<Vec<u8>, Vec<u8>>>>;
 
 /// A browser: a clock, counting "random" bytes, localStorage (shareable between tabs) and
 /// the requests started.
 struct Browser {
     now: f64,
     counter: u8,
-    storage: Rc<RefCell<BTreeMap<String, String>>>,
+    storage: Shared,
     sent: Vec<(Batch, u32)>,
 }
 
 impl Browser {
-    fn new(storage: &Rc<RefCell<BTreeMap<String, String>>>) -> Browser {
+    fn new(storage: &Shared) -> Browser {
         Browser {
             now: 1_700_000_000_000.0,
             counter: 0,
@@ -34,18 +36,23 @@ impl Browser {
 }
 
 impl Storage for Browser {
-    fn get(&self, key: &str) -> Option<String> {
+    fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
         self.storage.borrow().get(key).cloned()
     }
-    fn set(&mut self, key: &str, value: &str) -> bool {
+    fn set(&mut self, key: &[u8], value: &[u8]) -> bool {
         self.storage.borrow_mut().insert(key.into(), value.into());
         true
     }
-    fn remove(&mut self, key: &str) {
+    fn remove(&mut self, key: &[u8]) {
         self.storage.borrow_mut().remove(key);
     }
-    fn keys(&self) -> Vec<String> {
-        self.storage.borrow().keys().cloned().collect()
+    fn keys(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        for k in self.storage.borrow().keys() {
+            out.extend_from_slice(k);
+            out.push(0x1f);
+        }
+        out
     }
 }
 
@@ -59,43 +66,119 @@ impl Env for Browser {
             *b = self.counter;
         }
     }
-    fn send(&mut self, _url: &str, body: &[u8], seq: u32) -> bool {
+    fn send(&mut self, body: &[u8], seq: u32) -> bool {
         let batch = wire::decode(body, &wire::Limits::default()).expect("a valid batch");
         self.sent.push((batch, seq));
         true
     }
 }
 
-const US: char = '\u{1f}';
+/// A loader message under construction (see `tracker_wasm::msg`).
+struct W(Vec<u8>);
 
-/// An init message with `defaults` as the granted mask.
+impl W {
+    fn new(kind: u32) -> W {
+        W(Vec::new()).num(f64::from(kind))
+    }
+    fn num(mut self, n: f64) -> W {
+        self.0.extend_from_slice(&n.to_le_bytes());
+        self
+    }
+    fn text(mut self, t: &str) -> W {
+        self.0.extend_from_slice(&(t.len() as u16).to_le_bytes());
+        self.0.extend_from_slice(t.as_bytes());
+        self
+    }
+    /// Hands the message to the tracker.
+    fn to(self, t: &mut Tracker, b: &mut Browser) -> f64 {
+        t.handle(b, &self.0)
+    }
+}
+
+/// An init message with `granted` and `denied` as the consent defaults.
 fn init(b: &mut Browser, granted: u8, denied: u8, flush_at: u32) -> Tracker {
-    let m = format!(
-        "i{US}demo{US}/v1/fb{US}https://ref.example/{US}en-GB{US}Europe/Berlin{US}{flush_at}{US}1000{US}{US}0{US}{granted}{US}{denied}{US}0{US}1{US}1280{US}800"
-    );
-    let Some(Msg::Init(cfg)) = msg::parse(&m) else {
-        panic!("bad init message");
-    };
-    Tracker::new(cfg, b)
+    let mut w = W::new(msg::INIT)
+        .text("demo")
+        .text("https://ref.example/")
+        .text("en-GB")
+        .text("Europe/Berlin");
+    for n in [
+        f64::from(flush_at),
+        1000.0,
+        f64::NAN,
+        0.0,
+        f64::from(granted),
+        f64::from(denied),
+        0.0,
+        1.0,
+        1280.0,
+        800.0,
+    ] {
+        w = w.num(n);
+    }
+    let mut r = Reader(&w.0);
+    assert_eq!(msg::kind(&mut r), msg::INIT);
+    let mut t = Tracker::EMPTY;
+    t.start(&mut r, b);
+    t
 }
 
 fn nav(t: &mut Tracker, b: &mut Browser, url: &str) -> f64 {
-    t.signal(b, Signal::Navigate(url, Default::default()))
+    W::new(msg::NAVIGATION).text(url).to(t, b)
 }
 
+/// `pz.track(name, {n: 1})`.
 fn track(t: &mut Tracker, b: &mut Browser, name: &str) -> f64 {
-    let m = format!("e{US}1{US}0{US}{name}{US}{US}{US}{US}{US}n\u{1d}n\u{1d}1");
-    let Some(Msg::Signal(s)) = msg::parse(&m) else {
-        panic!("bad event message");
-    };
-    t.signal(b, s)
+    W::new(msg::EVENT)
+        .num(1.0)
+        .num(0.0)
+        .text(name)
+        .text("")
+        .text("")
+        .num(0.0)
+        .text("")
+        .num(1.0)
+        .text("n")
+        .num(2.0)
+        .num(1.0)
+        .to(t, b)
+}
+
+/// The state `pz.debug()` shows, by name.
+fn debug(t: &Tracker) -> BTreeMap<&'static str, String> {
+    let text = String::from_utf8(t.debug()).unwrap();
+    let f: Vec<&str> = text.split('\u{1f}').collect();
+    let names = [
+        "queued",
+        "held",
+        "inFlight",
+        "dropped",
+        "heldDropped",
+        "consentDropped",
+        "sent",
+        "retries",
+        "consent",
+        "lastError",
+        "anonymousId",
+        "userId",
+        "sessionId",
+    ];
+    assert_eq!(f.len(), names.len(), "{text:?}");
+    names
+        .into_iter()
+        .zip(f.into_iter().map(String::from))
+        .collect()
+}
+
+fn count(t: &Tracker, name: &str) -> u32 {
+    debug(t)[name].parse().unwrap()
 }
 
 fn consent(t: &mut Tracker, b: &mut Browser, grant: u8, deny: u8) -> f64 {
-    t.signal(
-        b,
-        Signal::Consent(tracker_wasm::consent::Update { grant, deny }),
-    )
+    W::new(msg::CONSENT)
+        .num(f64::from(grant))
+        .num(f64::from(deny))
+        .to(t, b)
 }
 
 /// Runs the timer at `after` ms from now.
@@ -114,7 +197,7 @@ fn drain(t: &mut Tracker, b: &mut Browser) -> Vec<(Batch, u32)> {
             return all;
         }
         for (batch, seq) in sent {
-            t.done(b, seq, 200, None);
+            t.done(b, seq, 200, f64::NAN);
             all.push((batch, seq));
         }
     }
@@ -131,7 +214,7 @@ fn names(batch: &Batch) -> Vec<String> {
         .collect()
 }
 
-fn shared() -> Rc<RefCell<BTreeMap<String, String>>> {
+fn shared() -> Shared {
     Rc::new(RefCell::new(BTreeMap::new()))
 }
 
@@ -145,7 +228,7 @@ fn pending_events_wait_in_memory_and_go_out_once_granted() {
     tick_after(&mut t, &mut b, 5000.0);
     assert!(b.take_sent().is_empty(), "nothing leaves before consent");
     assert!(
-        store.borrow().keys().all(|k| k == "pz_c"),
+        store.borrow().keys().all(|k| k == b"pz_c"),
         "nothing stored: {:?}",
         store.borrow().keys()
     );
@@ -174,8 +257,16 @@ fn pending_events_wait_in_memory_and_go_out_once_granted() {
     assert_eq!((change.consent_granted, change.consent_denied), (7, 8));
     assert_eq!(change.purpose, wire::Purpose::Necessary);
     // Storage is allowed now: the anonymous id is kept.
-    let anon = store.borrow().get("pz_a").cloned();
-    assert_eq!(anon, sent[0].0.context.anonymous_id);
+    let anon = store.borrow().get(&b"pz_a"[..]).cloned();
+    assert_eq!(
+        anon,
+        sent[0]
+            .0
+            .context
+            .anonymous_id
+            .clone()
+            .map(String::into_bytes)
+    );
 }
 
 #[test]
@@ -188,7 +279,7 @@ fn a_first_refusal_sends_nothing_and_a_later_grant_sends_the_whole_state() {
     consent(&mut t, &mut b, 0, 2 | 4 | 8);
     tick_after(&mut t, &mut b, 60_000.0);
     assert!(b.take_sent().is_empty(), "no request leaves the page");
-    assert_eq!(t.debug().count("consentDropped"), Some(2));
+    assert_eq!(count(&t, "consentDropped"), 2);
 
     consent(&mut t, &mut b, 2, 0);
     b.now += 1000.0;
@@ -216,9 +307,9 @@ fn denial_discards_held_events_and_purges_storage() {
     tick_after(&mut t, &mut b, 1000.0);
     // The collector is down: the batch stays, stored.
     let (_, seq) = b.take_sent().pop().unwrap();
-    t.done(&mut b, seq, 503, Some("30"));
+    t.done(&mut b, seq, 503, 30.0);
     t.tick(&mut b);
-    assert!(store.borrow().keys().any(|k| k.starts_with("pz_q_")));
+    assert!(store.borrow().keys().any(|k| k.starts_with(b"pz_q_")));
 
     consent(&mut t, &mut b, 0, 2 | 4 | 8);
     tick_after(&mut t, &mut b, 31_000.0);
@@ -227,9 +318,9 @@ fn denial_discards_held_events_and_purges_storage() {
     assert_eq!(sent.len(), 1);
     assert_eq!(names(&sent[0].0), ["ConsentChange"]);
     assert_eq!(sent[0].0.consent, 1);
-    let keys: Vec<String> = store.borrow().keys().cloned().collect();
-    assert_eq!(keys, ["pz_c"], "ids and queue are gone");
-    assert_eq!(t.debug().count("consentDropped"), Some(2));
+    let keys: Vec<Vec<u8>> = store.borrow().keys().cloned().collect();
+    assert_eq!(keys, [b"pz_c"], "ids and queue are gone");
+    assert_eq!(count(&t, "consentDropped"), 2);
 }
 
 #[test]
@@ -264,7 +355,7 @@ fn retries_back_off_honour_retry_after_and_send_the_same_events() {
     t.tick(&mut b);
     let (first, seq) = b.take_sent().pop().unwrap();
     // The answer only marks the queue for storing: the timer runs at once.
-    assert_eq!(t.done(&mut b, seq, 503, Some("10")), 0.0);
+    assert_eq!(t.done(&mut b, seq, 503, 10.0), 0.0);
     assert_eq!(t.tick(&mut b), 10_000.0, "waits for Retry-After");
     assert_eq!(tick_after(&mut t, &mut b, 9000.0), 1000.0);
     assert!(b.take_sent().is_empty());
@@ -278,14 +369,14 @@ fn retries_back_off_honour_retry_after_and_send_the_same_events() {
     );
     // A refusal for good (400) is not retried.
     track(&mut t, &mut b, "next");
-    t.done(&mut b, seq, 200, None);
+    t.done(&mut b, seq, 200, f64::NAN);
     t.tick(&mut b);
     let (_, seq) = b.take_sent().pop().unwrap();
-    t.done(&mut b, seq, 400, None);
+    t.done(&mut b, seq, 400, f64::NAN);
     tick_after(&mut t, &mut b, 600_000.0);
     assert!(b.take_sent().is_empty());
-    assert_eq!(t.debug().ids[3], "HTTP 400", "the last error");
-    assert_eq!(t.debug().count("sent"), Some(1));
+    assert_eq!(debug(&t)["lastError"], "400", "the last error");
+    assert_eq!(count(&t, "sent"), 1);
 }
 
 #[test]
@@ -297,8 +388,8 @@ fn a_closed_page_beacons_and_the_next_page_sends_what_may_be_lost() {
     track(&mut t, &mut b, "clicked");
     b.now += 2000.0;
     // The order browsers use when a page unloads.
-    t.signal(&mut b, Signal::PageHide);
-    t.signal(&mut b, Signal::Hidden);
+    W::new(msg::PAGEHIDE).to(&mut t, &mut b);
+    W::new(msg::HIDDEN).to(&mut t, &mut b);
     let sent = b.take_sent();
     assert_eq!(sent.len(), 1);
     assert_eq!(sent[0].1, 0, "a beacon");
@@ -351,11 +442,19 @@ fn spa_navigation_counts_each_new_url_once_and_page_names_the_automatic_view() {
     let mut t = init(&mut b, 2, 0, 100);
     nav(&mut t, &mut b, "https://shop.example/");
     // pz.page('Home', {section: 'top'}) right after: it names the automatic view.
-    let m = format!("e{US}0{US}0{US}Home{US}{US}{US}{US}{US}section\u{1d}s\u{1d}top");
-    let Some(Msg::Signal(s)) = msg::parse(&m) else {
-        panic!()
-    };
-    t.signal(&mut b, s);
+    W::new(msg::EVENT)
+        .num(0.0)
+        .num(0.0)
+        .text("Home")
+        .text("")
+        .text("")
+        .num(0.0)
+        .text("")
+        .num(1.0)
+        .text("section")
+        .num(1.0)
+        .text("top")
+        .to(&mut t, &mut b);
     for url in [
         "https://shop.example/p/1",
         "https://shop.example/p/1",
@@ -363,7 +462,7 @@ fn spa_navigation_counts_each_new_url_once_and_page_names_the_automatic_view() {
     ] {
         nav(&mut t, &mut b, url);
     }
-    t.signal(&mut b, Signal::Flush);
+    W::new(msg::FLUSH).to(&mut t, &mut b);
     let sent = drain(&mut t, &mut b);
     let pages: Vec<(Option<String>, Option<String>)> = sent
         .iter()

@@ -2,10 +2,11 @@
 //! this schema.
 //!
 //! It writes front to back: a table's vtable, then the table, then its children, each
-//! `uoffset` patched once its target is placed. That needs no generic builder state and
-//! keeps the browser tracker small (the `flatbuffers` builder and its generated code cost
-//! about 10 KB of wasm, this writer about 2 KB); [`decode`](crate::decode) reads everything
-//! back through the generated code and the verifier, and the tests check the round trip.
+//! `uoffset` patched once its target is placed, every table in a fixed layout. That needs
+//! no generic builder state and keeps the browser tracker small (the `flatbuffers` builder
+//! and its generated code cost about 10 KB of wasm, this writer about 1.5 KB);
+//! [`decode`](crate::decode) reads everything back through the generated code and the
+//! verifier, and the tests check the round trip.
 //!
 //! Offsets in FlatBuffers are relative, so an event or a context can be encoded on its own
 //! ([`event`], [`context`]) into a *piece* that is copied into a batch later
@@ -25,7 +26,7 @@ use crate::model::{Batch, Context, Event, EventKind, Purpose, Value};
 pub fn encode(batch: &Batch) -> Vec<u8> {
     let events: Vec<Vec<u8>> = batch.events.iter().map(event).collect();
     assemble(
-        &batch.write_key,
+        batch.write_key.as_bytes(),
         batch.sent_at_ms,
         batch.consent,
         &context(&batch.context),
@@ -35,62 +36,127 @@ pub fn encode(batch: &Batch) -> Vec<u8> {
 
 /// One event as a piece for [`assemble`].
 pub fn event(e: &Event) -> Vec<u8> {
-    let properties: Vec<(&str, ValueRef<'_>)> = e
+    let properties: Vec<(&[u8], ValueRef<'_>)> = e
         .properties
         .iter()
         .map(|p| {
             let v = match &p.value {
-                Value::String(s) => ValueRef::String(s),
+                Value::String(s) => ValueRef::String(s.as_bytes()),
                 Value::Int(i) => ValueRef::Int(*i),
                 Value::Float(f) => ValueRef::Float(*f),
                 Value::Bool(b) => ValueRef::Bool(*b),
             };
-            (p.key.as_str(), v)
+            (p.key.as_bytes(), v)
         })
         .collect();
     let items: Vec<ItemRef<'_>> = e
         .items
         .iter()
         .map(|i| ItemRef {
-            product_id: &i.product_id,
-            category: i.category.as_deref(),
+            product_id: i.product_id.as_bytes(),
+            category: bytes(&i.category),
             price: i.price,
             quantity: i.quantity,
-            name: i.name.as_deref(),
+            name: bytes(&i.name),
         })
         .collect();
     event_ref(&EventRef {
         message_id: e.message_id,
         timestamp_ms: e.timestamp_ms,
         kind: e.kind,
-        name: e.name.as_deref(),
+        name: bytes(&e.name),
         properties: &properties,
         items: &items,
-        user_id: e.user_id.as_deref(),
-        previous_id: e.previous_id.as_deref(),
-        order_id: e.order_id.as_deref(),
+        user_id: bytes(&e.user_id),
+        previous_id: bytes(&e.previous_id),
+        order_id: bytes(&e.order_id),
         revenue: e.revenue,
-        currency: e.currency.as_deref(),
+        currency: bytes(&e.currency),
         consent_granted: e.consent_granted,
         consent_denied: e.consent_denied,
         purpose: e.purpose,
     })
 }
 
+fn bytes(s: &Option<String>) -> Option<&[u8]> {
+    s.as_deref().map(str::as_bytes)
+}
+
 /// One event, borrowed, as a piece for [`assemble`]: the same bytes as [`event`] for the
 /// [`Event`] it mirrors.
 pub fn event_ref(e: &EventRef<'_>) -> Vec<u8> {
-    let mut w = Writer(Vec::with_capacity(128));
-    w.0.extend_from_slice(&[0; 4]);
-    w.event(0, e);
-    w.0
+    let mut p = EventPiece::new(e, e.properties.len());
+    for (key, value) in e.properties {
+        p.property(key, *value);
+    }
+    p.items(e.items.len());
+    for item in e.items {
+        p.item(item);
+    }
+    p.finish()
 }
 
-/// A property value to encode, borrowing its text.
+/// An event piece written in parts, for a caller that reads the properties and items one at
+/// a time (the browser tracker reads them from the loader's message): [`EventPiece::new`]
+/// with the event and the number of properties, that many [`property`](EventPiece::property)
+/// calls, then [`items`](EventPiece::items) with the number of items and that many
+/// [`item`](EventPiece::item) calls. The same bytes as [`event_ref`] with those lists.
+pub struct EventPiece {
+    w: Writer,
+    t: Table,
+    /// The next property's or item's slot.
+    next: usize,
+    items: bool,
+}
+
+impl EventPiece {
+    /// Writes the event's fields but its lists (`e.properties` and `e.items` are not used),
+    /// and room for `properties` properties.
+    pub fn new(e: &EventRef<'_>, properties: usize) -> EventPiece {
+        let mut w = Writer::piece();
+        let t = w.event(0, e);
+        let next = w.list(t, 4, properties);
+        EventPiece {
+            w,
+            t,
+            next,
+            items: false,
+        }
+    }
+
+    /// Writes the next property.
+    pub fn property(&mut self, key: &[u8], value: ValueRef<'_>) {
+        self.w.property(self.next, key, value);
+        self.next += 4;
+    }
+
+    /// Makes room for `n` items, after the last property.
+    pub fn items(&mut self, n: usize) {
+        self.next = self.w.list(self.t, 5, n);
+        self.items = true;
+    }
+
+    /// Writes the next item.
+    pub fn item(&mut self, item: &ItemRef<'_>) {
+        self.w.item(self.next, item);
+        self.next += 4;
+    }
+
+    /// The piece.
+    pub fn finish(mut self) -> Vec<u8> {
+        if !self.items {
+            self.w.absent(self.t, 5);
+        }
+        self.w.0
+    }
+}
+
+/// A property value to encode, borrowing its text (UTF-8 bytes: the encoder copies them as
+/// they are, so a caller that passes anything else gets a batch the collector refuses).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum ValueRef<'a> {
-    /// Text.
-    String(&'a str),
+    /// Text (UTF-8).
+    String(&'a [u8]),
     /// A whole number.
     Int(i64),
     /// A finite floating point number.
@@ -99,23 +165,23 @@ pub enum ValueRef<'a> {
     Bool(bool),
 }
 
-/// A product line to encode, borrowing its text (see [`crate::Item`]).
+/// A product line to encode, borrowing its text as UTF-8 bytes (see [`crate::Item`]).
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct ItemRef<'a> {
     /// The shop's product id (required, non-empty).
-    pub product_id: &'a str,
+    pub product_id: &'a [u8],
     /// Category, if known.
-    pub category: Option<&'a str>,
+    pub category: Option<&'a [u8]>,
     /// Unit price in minor currency units.
     pub price: i64,
     /// How many.
     pub quantity: u32,
     /// Display name, if known.
-    pub name: Option<&'a str>,
+    pub name: Option<&'a [u8]>,
 }
 
-/// An event to encode, borrowing its text and lists (see [`Event`] for the fields): the
-/// browser tracker fills one straight from a page's call, without allocating.
+/// An event to encode, borrowing its text (UTF-8 bytes) and lists (see [`Event`] for the
+/// fields): the browser tracker fills one straight from a page's call, without allocating.
 #[derive(Debug, Clone, Copy, PartialEq, Default)]
 pub struct EventRef<'a> {
     /// 16 random bytes; never all zero.
@@ -125,21 +191,21 @@ pub struct EventRef<'a> {
     /// What happened.
     pub kind: EventKind,
     /// Track event name or page name.
-    pub name: Option<&'a str>,
+    pub name: Option<&'a [u8]>,
     /// Properties (key, value), or traits for identify.
-    pub properties: &'a [(&'a str, ValueRef<'a>)],
+    pub properties: &'a [(&'a [u8], ValueRef<'a>)],
     /// Commerce items.
     pub items: &'a [ItemRef<'a>],
     /// Identify: the user id. Alias: the new id.
-    pub user_id: Option<&'a str>,
+    pub user_id: Option<&'a [u8]>,
     /// Alias: the previous id.
-    pub previous_id: Option<&'a str>,
+    pub previous_id: Option<&'a [u8]>,
     /// Order id.
-    pub order_id: Option<&'a str>,
+    pub order_id: Option<&'a [u8]>,
     /// Order revenue in minor currency units.
     pub revenue: i64,
     /// ISO 4217 currency code.
-    pub currency: Option<&'a str>,
+    pub currency: Option<&'a [u8]>,
     /// Consent change: purposes now granted (mask).
     pub consent_granted: u8,
     /// Consent change: purposes now denied (mask).
@@ -148,10 +214,102 @@ pub struct EventRef<'a> {
     pub purpose: Purpose,
 }
 
+impl EventRef<'_> {
+    /// A page view with every field empty or zero (the [`Default`]), as a constant: copying
+    /// it costs less code than filling each field.
+    pub const EMPTY: EventRef<'static> = EventRef {
+        message_id: [0; 16],
+        timestamp_ms: 0,
+        kind: EventKind::Page,
+        name: None,
+        properties: &[],
+        items: &[],
+        user_id: None,
+        previous_id: None,
+        order_id: None,
+        revenue: 0,
+        currency: None,
+        consent_granted: 0,
+        consent_denied: 0,
+        purpose: Purpose::Necessary,
+    };
+}
+
+/// A context to encode, borrowing its text as UTF-8 bytes (see [`Context`] for the fields).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct ContextRef<'a> {
+    /// Full page URL.
+    pub page_url: Option<&'a [u8]>,
+    /// `document.referrer`.
+    pub referrer: Option<&'a [u8]>,
+    /// UTM parameters: source, medium, campaign, term, content.
+    pub utm: [Option<&'a [u8]>; 5],
+    /// `navigator.language`.
+    pub locale: Option<&'a [u8]>,
+    /// IANA time zone.
+    pub timezone: Option<&'a [u8]>,
+    /// Screen width in CSS pixels.
+    pub screen_width: u16,
+    /// Screen height in CSS pixels.
+    pub screen_height: u16,
+    /// Session id.
+    pub session_id: Option<&'a [u8]>,
+    /// The visitor's anonymous id.
+    pub anonymous_id: Option<&'a [u8]>,
+    /// The user id, once known.
+    pub user_id: Option<&'a [u8]>,
+}
+
 /// A context as a piece for [`assemble`].
 pub fn context(c: &Context) -> Vec<u8> {
-    let mut w = Writer(Vec::with_capacity(128));
-    w.0.extend_from_slice(&[0; 4]);
+    context_ref(&ContextRef {
+        page_url: bytes(&c.page_url),
+        referrer: bytes(&c.referrer),
+        utm: [
+            bytes(&c.utm_source),
+            bytes(&c.utm_medium),
+            bytes(&c.utm_campaign),
+            bytes(&c.utm_term),
+            bytes(&c.utm_content),
+        ],
+        locale: bytes(&c.locale),
+        timezone: bytes(&c.timezone),
+        screen_width: c.screen_width,
+        screen_height: c.screen_height,
+        session_id: bytes(&c.session_id),
+        anonymous_id: bytes(&c.anonymous_id),
+        user_id: bytes(&c.user_id),
+    })
+}
+
+/// A context as a piece from its strings by field id: `texts[i]` is `Context` field `i`
+/// (page_url, referrer, utm_source, utm_medium, utm_campaign, utm_term, utm_content, locale,
+/// timezone, then 9 and 10, which are the screen size and ignored here, then session_id,
+/// anonymous_id, user_id); an empty string is absent. The same bytes as [`context`] for a
+/// [`Context`] without empty strings. A caller that keeps the strings in such an array (the
+/// browser tracker) encodes them in one loop.
+pub fn context_texts<T: AsRef<[u8]>>(
+    texts: &[T; 14],
+    screen_width: u16,
+    screen_height: u16,
+) -> Vec<u8> {
+    let mut w = Writer::piece();
+    let t = w.table(0, &CONTEXT);
+    for (f, s) in texts.iter().enumerate() {
+        let s = s.as_ref();
+        if f != 9 && f != 10 {
+            w.opt(t, f, (!s.is_empty()).then_some(s));
+        }
+    }
+    w.set(t, 9, &screen_width.to_le_bytes());
+    w.set(t, 10, &screen_height.to_le_bytes());
+    w.0
+}
+
+/// A borrowed context as a piece for [`assemble`]: the same bytes as [`context`] for the
+/// [`Context`] it mirrors.
+pub fn context_ref(c: &ContextRef<'_>) -> Vec<u8> {
+    let mut w = Writer::piece();
     w.context(0, c);
     w.0
 }
@@ -159,26 +317,21 @@ pub fn context(c: &Context) -> Vec<u8> {
 /// A batch from pieces made by [`context`] and [`event`]: the same bytes [`encode`] writes
 /// for the batch they came from.
 pub fn assemble<'a>(
-    write_key: &str,
+    write_key: &[u8],
     sent_at_ms: i64,
     consent: u8,
     context: &[u8],
     events: impl ExactSizeIterator<Item = &'a [u8]>,
 ) -> Vec<u8> {
-    let mut w = Writer(Vec::with_capacity(256 + context.len()));
+    let mut w = Writer(Vec::new());
     w.0.extend_from_slice(&[0, 0, 0, 0, b'P', b'E', b'B', b'1']);
-    let at = w.table(
-        0,
-        &[
-            (0, Slot::Str(write_key)),
-            (1, Slot::I64(sent_at_ms)),
-            (2, Slot::U8(consent)),
-            (3, Slot::Offset),
-            (4, Slot::Offset),
-        ],
-    );
-    w.place(at[3], context);
-    let first = w.vector(at[4], events.len());
+    let t = w.table(0, &BATCH);
+    w.opt(t, 0, Some(write_key));
+    w.set(t, 1, &sent_at_ms.to_le_bytes());
+    w.set(t, 2, &[consent]);
+    let at = w.slot(t, 3);
+    w.place(at, context);
+    let first = w.list(t, 4, events.len());
     for (i, piece) in events.enumerate() {
         w.place(first + 4 * i, piece);
     }
@@ -222,55 +375,59 @@ fn u16_at(b: &[u8], i: usize) -> Option<usize> {
     Some(usize::from(u16::from_le_bytes(s.try_into().ok()?)))
 }
 
-/// One field of a table.
+// Every table has a fixed layout: its size, then the offset of each field from the table's
+// start, by field id. A table starts at 4 mod 8 (after its offset to the vtable), so the
+// 8-byte fields, at 4 mod 8 in the table, are aligned; strings and vectors (4-byte offsets)
+// come next, then the small scalars. An absent optional field gets 0 in the vtable and
+// leaves its slot unused. Fixed layouts need far less code than laying out each table from
+// the fields present, which matters in the browser tracker's wasm.
+
+/// `EventBatch`: write_key, sent_at_ms, consent, context, events.
+const BATCH: [u8; 6] = [25, 12, 4, 24, 16, 20];
+/// `Context`: page_url, referrer, utm_source, utm_medium, utm_campaign, utm_term,
+/// utm_content, locale, timezone, screen_width, screen_height, session_id, anonymous_id,
+/// user_id.
+const CONTEXT: [u8; 15] = [56, 4, 8, 12, 16, 20, 24, 28, 32, 36, 52, 54, 40, 44, 48];
+/// `Event`: message_id, timestamp_ms, kind, name, properties, items, user_id, previous_id,
+/// order_id, revenue, currency, consent_granted, consent_denied, purpose (the last three
+/// adjacent).
+const EVENT: [u8; 15] = [68, 20, 4, 64, 36, 40, 44, 48, 52, 56, 12, 60, 65, 66, 67];
+/// `Property`: key, value_type, value.
+const PROPERTY: [u8; 4] = [13, 4, 12, 8];
+/// `StringValue`: value.
+const STRING_VALUE: [u8; 2] = [8, 4];
+/// `IntValue`, `FloatValue` and `BoolValue`: value (8 bytes; a bool reads the first).
+const SCALAR_VALUE: [u8; 2] = [12, 4];
+/// `Item`: product_id, category, price, quantity, name.
+const ITEM: [u8; 6] = [28, 12, 16, 4, 24, 20];
+
+/// A table being written: where its vtable and the table start.
 #[derive(Clone, Copy)]
-enum Slot<'a> {
-    /// An absent field (an empty optional): not written, 0 in the vtable.
-    Skip,
-    /// A string, written right after the table.
-    Str(&'a str),
-    /// A `uoffset` to a child the caller writes later.
-    Offset,
-    I64(i64),
-    U32(u32),
-    U16(u16),
-    U8(u8),
-    /// The 16-byte `MessageId` struct.
-    Id(&'a [u8; 16]),
-}
-
-impl<'a> Slot<'a> {
-    fn size(self) -> usize {
-        match self {
-            Slot::Skip => 0,
-            Slot::I64(_) => 8,
-            Slot::Str(_) | Slot::Offset | Slot::U32(_) => 4,
-            Slot::U16(_) => 2,
-            Slot::U8(_) => 1,
-            Slot::Id(_) => 16,
-        }
-    }
-
-    fn opt(s: &'a Option<String>) -> Slot<'a> {
-        Slot::str(s.as_deref())
-    }
-
-    fn str(s: Option<&'a str>) -> Slot<'a> {
-        s.map_or(Slot::Skip, Slot::Str)
-    }
-
-    fn list(n: usize) -> Slot<'a> {
-        if n > 0 { Slot::Offset } else { Slot::Skip }
-    }
+struct Table {
+    vtable: usize,
+    at: usize,
 }
 
 struct Writer(Vec<u8>);
 
 impl Writer {
+    /// A piece (see the module docs): its first 4 bytes will point at its table.
+    fn piece() -> Writer {
+        let mut w = Writer(Vec::new());
+        w.0.extend_from_slice(&[0; 4]);
+        w
+    }
+
+    // Zeros are added with `resize` and bytes with `extend_from_slice` only, never `push`:
+    // each way of growing a vector is its own code in the browser tracker's wasm.
+
     fn pad(&mut self, align: usize) {
-        while !self.0.len().is_multiple_of(align) {
-            self.0.push(0);
-        }
+        self.0.resize(self.0.len().next_multiple_of(align), 0);
+    }
+
+    /// Pads to 4 mod 8, where a table (or a piece's table) starts.
+    fn pad_table(&mut self) {
+        self.0.resize((self.0.len() + 4).next_multiple_of(8) - 4, 0);
     }
 
     fn put(&mut self, at: usize, bytes: &[u8]) {
@@ -287,70 +444,72 @@ impl Writer {
         self.put(slot, &offset.to_le_bytes());
     }
 
-    /// Writes a vtable and a table with `fields` (`(field id, value)`, ids below 16), points
-    /// `parent` at the table, writes its strings, and returns the position of each
-    /// [`Slot::Offset`] by field id, for the caller to write those children. Fields are laid
-    /// out largest first, so each is aligned: 8-byte ones start right after the 4-byte
-    /// vtable offset of a table placed at 4 mod 8.
-    fn table(&mut self, parent: usize, fields: &[(usize, Slot<'_>)]) -> [usize; 16] {
-        let mut at = [0usize; 16];
-        let mut size = 4;
-        for width in [8, 4, 16, 2, 1] {
-            for &(id, f) in fields {
-                if f.size() == width {
-                    at[id] = size;
-                    size += width;
-                }
-            }
-        }
-        let mut count = 0;
-        let mut wide = false;
-        for &(id, f) in fields {
-            if f.size() > 0 && id >= count {
-                count = id + 1;
-            }
-            wide |= f.size() == 8;
-        }
+    /// Writes a vtable for `layout` (every field present), then the table, zeroed, with its
+    /// offset to the vtable, and points `parent` at it.
+    fn table(&mut self, parent: usize, layout: &[u8]) -> Table {
+        let (size, fields) = layout.split_first().unwrap_or((&0, &[]));
         self.pad(2);
         let vtable = self.0.len();
-        for v in [(4 + 2 * count) as u16, size as u16] {
-            self.0.extend_from_slice(&v.to_le_bytes());
+        self.0
+            .extend_from_slice(&(4 + 2 * fields.len() as u16).to_le_bytes());
+        self.0.extend_from_slice(&u16::from(*size).to_le_bytes());
+        for &f in fields {
+            self.0.extend_from_slice(&[f, 0]);
         }
-        for v in &at[..count] {
-            self.0.extend_from_slice(&(*v as u16).to_le_bytes());
-        }
-        while !self.0.len().is_multiple_of(4) || (wide && self.0.len() % 8 != 4) {
-            self.0.push(0);
-        }
-        let table = self.0.len();
+        self.pad_table();
+        let at = self.0.len();
         self.patch(parent);
-        self.0.resize(table + size, 0);
-        self.put(table, &((table - vtable) as i32).to_le_bytes());
-        for &(id, f) in fields {
-            let p = table + at[id];
-            match f {
-                Slot::Skip => {}
-                Slot::Str(_) | Slot::Offset => at[id] = p,
-                Slot::I64(v) => self.put(p, &v.to_le_bytes()),
-                Slot::U32(v) => self.put(p, &v.to_le_bytes()),
-                Slot::U16(v) => self.put(p, &v.to_le_bytes()),
-                Slot::U8(v) => self.put(p, &[v]),
-                Slot::Id(v) => self.put(p, v),
+        self.0.resize(at + usize::from(*size), 0);
+        self.put(at, &((at - vtable) as u32).to_le_bytes());
+        Table { vtable, at }
+    }
+
+    /// Where field `f` of table `t` sits.
+    fn slot(&self, t: Table, f: usize) -> usize {
+        t.at + u16_at(&self.0, t.vtable + 4 + 2 * f).unwrap_or(0)
+    }
+
+    /// Writes field `f` of table `t`: a scalar or a struct, little-endian.
+    fn set(&mut self, t: Table, f: usize, bytes: &[u8]) {
+        let at = self.slot(t, f);
+        self.put(at, bytes);
+    }
+
+    /// Marks field `f` of table `t` absent.
+    fn absent(&mut self, t: Table, f: usize) {
+        self.put(t.vtable + 4 + 2 * f, &[0, 0]);
+    }
+
+    /// Writes string field `f` of table `t`, or marks it absent.
+    fn opt(&mut self, t: Table, f: usize, s: Option<&[u8]>) {
+        match s {
+            Some(s) => {
+                let at = self.slot(t, f);
+                self.string(at, s);
             }
+            None => self.absent(t, f),
         }
-        for &(id, f) in fields {
-            if let Slot::Str(s) = f {
-                self.string(at[id], s);
-            }
+    }
+
+    /// Writes vector field `f` of table `t` with `n` offsets (to be patched) and returns its
+    /// first slot; marks the field absent when `n` is 0.
+    fn list(&mut self, t: Table, f: usize, n: usize) -> usize {
+        if n == 0 {
+            self.absent(t, f);
+            return 0;
         }
-        at
+        let at = self.slot(t, f);
+        self.pad(4);
+        self.patch(at);
+        self.0.extend_from_slice(&(n as u32).to_le_bytes());
+        let first = self.0.len();
+        self.0.resize(first + 4 * n, 0);
+        first
     }
 
     /// Copies a piece (see the module docs) and points `parent` at its table.
     fn place(&mut self, parent: usize, piece: &[u8]) {
-        while self.0.len() % 8 != 4 {
-            self.0.push(0);
-        }
+        self.pad_table();
         // Where the piece's first byte would be: a multiple of 8, as when it was written.
         let base = self.0.len() - 4;
         let table = u32_at(piece, 0).unwrap_or(0) as usize;
@@ -359,107 +518,118 @@ impl Writer {
         self.put(parent, &offset.to_le_bytes());
     }
 
-    fn string(&mut self, parent: usize, s: &str) {
+    fn string(&mut self, parent: usize, s: &[u8]) {
         self.pad(4);
         self.patch(parent);
         self.0.extend_from_slice(&(s.len() as u32).to_le_bytes());
-        self.0.extend_from_slice(s.as_bytes());
-        self.0.push(0);
+        self.0.extend_from_slice(s);
+        self.0.extend_from_slice(&[0]);
     }
 
-    /// Writes a vector of `n` offsets (to be patched) and returns its first slot.
-    fn vector(&mut self, parent: usize, n: usize) -> usize {
-        self.pad(4);
-        self.patch(parent);
-        self.0.extend_from_slice(&(n as u32).to_le_bytes());
-        let first = self.0.len();
-        self.0.resize(first + 4 * n, 0);
-        first
-    }
-
-    fn context(&mut self, parent: usize, c: &Context) {
-        let strings = [
-            (0, &c.page_url),
-            (1, &c.referrer),
-            (2, &c.utm_source),
-            (3, &c.utm_medium),
-            (4, &c.utm_campaign),
-            (5, &c.utm_term),
-            (6, &c.utm_content),
-            (7, &c.locale),
-            (8, &c.timezone),
-            (11, &c.session_id),
-            (12, &c.anonymous_id),
-            (13, &c.user_id),
-        ];
-        let mut fields = [(9, Slot::U16(c.screen_width)); 14];
-        fields[1] = (10, Slot::U16(c.screen_height));
-        for (f, (id, s)) in fields[2..].iter_mut().zip(strings) {
-            *f = (id, Slot::opt(s));
+    fn context(&mut self, parent: usize, c: &ContextRef<'_>) {
+        let t = self.table(parent, &CONTEXT);
+        let [s0, s1, s2, s3, s4] = c.utm;
+        for (f, s) in [
+            (0, c.page_url),
+            (1, c.referrer),
+            (2, s0),
+            (3, s1),
+            (4, s2),
+            (5, s3),
+            (6, s4),
+            (7, c.locale),
+            (8, c.timezone),
+            (11, c.session_id),
+            (12, c.anonymous_id),
+            (13, c.user_id),
+        ] {
+            self.opt(t, f, s);
         }
-        self.table(parent, &fields);
+        self.set(t, 9, &c.screen_width.to_le_bytes());
+        self.set(t, 10, &c.screen_height.to_le_bytes());
     }
 
-    fn event(&mut self, parent: usize, e: &EventRef<'_>) {
-        let o = Slot::str;
-        let at = self.table(
-            parent,
-            &[
-                (0, Slot::Id(&e.message_id)),
-                (1, Slot::I64(e.timestamp_ms)),
-                (2, Slot::U8(e.kind as u8)),
-                (3, o(e.name)),
-                (4, Slot::list(e.properties.len())),
-                (5, Slot::list(e.items.len())),
-                (6, o(e.user_id)),
-                (7, o(e.previous_id)),
-                (8, o(e.order_id)),
-                (9, Slot::I64(e.revenue)),
-                (10, o(e.currency)),
-                (11, Slot::U8(e.consent_granted)),
-                (12, Slot::U8(e.consent_denied)),
-                (13, Slot::U8(e.purpose as u8)),
-            ],
+    /// Writes an event's table and strings; its lists are for the caller.
+    fn event(&mut self, parent: usize, e: &EventRef<'_>) -> Table {
+        let t = self.table(parent, &EVENT);
+        self.set(t, 0, &e.message_id);
+        self.set(t, 1, &e.timestamp_ms.to_le_bytes());
+        self.set(t, 2, &[e.kind as u8]);
+        self.set(t, 9, &e.revenue.to_le_bytes());
+        // Fields 11, 12 and 13 are adjacent.
+        self.set(
+            t,
+            11,
+            &[e.consent_granted, e.consent_denied, e.purpose as u8],
         );
-        if !e.properties.is_empty() {
-            let first = self.vector(at[4], e.properties.len());
-            for (i, (key, value)) in e.properties.iter().enumerate() {
-                self.property(first + 4 * i, key, *value);
-            }
+        for &(f, s) in &[
+            (3, e.name),
+            (6, e.user_id),
+            (7, e.previous_id),
+            (8, e.order_id),
+            (10, e.currency),
+        ] {
+            self.opt(t, f, s);
         }
-        if !e.items.is_empty() {
-            let first = self.vector(at[5], e.items.len());
-            for (i, item) in e.items.iter().enumerate() {
-                self.item(first + 4 * i, item);
-            }
-        }
+        t
     }
 
-    fn property(&mut self, parent: usize, key: &str, value: ValueRef<'_>) {
+    fn property(&mut self, parent: usize, key: &[u8], value: ValueRef<'_>) {
+        let t = self.table(parent, &PROPERTY);
+        self.opt(t, 0, Some(key));
         // The union `value` takes two field ids: its type (1) and the table (2).
-        let (tag, value) = match value {
-            ValueRef::String(text) => (1, Slot::Str(text)),
-            ValueRef::Int(i) => (2, Slot::I64(i)),
-            ValueRef::Float(f) => (3, Slot::I64(f.to_bits() as i64)),
-            ValueRef::Bool(b) => (4, Slot::U8(u8::from(b))),
+        let (tag, scalar) = match value {
+            ValueRef::String(_) => (1, 0),
+            ValueRef::Int(i) => (2, i as u64),
+            ValueRef::Float(f) => (3, f.to_bits()),
+            ValueRef::Bool(b) => (4, u64::from(b)),
         };
-        let at = self.table(
-            parent,
-            &[(0, Slot::Str(key)), (1, Slot::U8(tag)), (2, Slot::Offset)],
-        );
-        self.table(at[2], &[(0, value)]);
+        self.set(t, 1, &[tag]);
+        let at = self.slot(t, 2);
+        if let ValueRef::String(s) = value {
+            let v = self.table(at, &STRING_VALUE);
+            self.opt(v, 0, Some(s));
+        } else {
+            let v = self.table(at, &SCALAR_VALUE);
+            self.set(v, 0, &scalar.to_le_bytes());
+        }
     }
 
     fn item(&mut self, parent: usize, i: &ItemRef<'_>) {
-        self.table(
-            parent,
-            &[
-                (0, Slot::Str(i.product_id)),
-                (1, Slot::str(i.category)),
-                (2, Slot::I64(i.price)),
-                (3, Slot::U32(i.quantity)),
-                (4, Slot::str(i.name)),
-            ],
-        );
+        let t = self.table(parent, &ITEM);
+        self.opt(t, 0, Some(i.product_id));
+        self.opt(t, 1, i.category);
+        self.set(t, 2, &i.price.to_le_bytes());
+        self.set(t, 3, &i.quantity.to_le_bytes());
+        self.opt(t, 4, i.name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn context_texts_encode_as_the_context() {
+        let c = Context {
+            page_url: Some("https://shop.example/p".into()),
+            utm_campaign: Some("spring".into()),
+            timezone: Some("Europe/Berlin".into()),
+            screen_width: 1280,
+            screen_height: 800,
+            anonymous_id: Some("a-1".into()),
+            ..Context::default()
+        };
+        let mut texts: [&[u8]; 14] = [b""; 14];
+        texts[0] = b"https://shop.example/p";
+        texts[4] = b"spring";
+        texts[8] = b"Europe/Berlin";
+        texts[12] = b"a-1";
+        assert_eq!(context_texts(&texts, 1280, 800), context(&c));
+    }
+
+    #[test]
+    fn the_empty_event_is_the_default() {
+        assert_eq!(EventRef::EMPTY, EventRef::default());
     }
 }

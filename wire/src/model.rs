@@ -36,7 +36,7 @@ pub enum EventKind {
 
 impl EventKind {
     /// The kind with wire value `v`, if known.
-    pub fn from_u8(v: u8) -> Option<Self> {
+    pub const fn from_u8(v: u8) -> Option<Self> {
         use EventKind::*;
         Some(match v {
             0 => Page,
@@ -61,7 +61,7 @@ impl EventKind {
     /// holds events back until it is granted and the collector rejects events whose batch
     /// lacks it. Consent changes need only `necessary`, email engagement `marketing`,
     /// everything else `analytics`.
-    pub fn least_purpose(self) -> Purpose {
+    pub const fn least_purpose(self) -> Purpose {
         match self {
             EventKind::ConsentChange => Purpose::Necessary,
             EventKind::EmailOpened | EventKind::EmailClicked => Purpose::Marketing,
@@ -95,7 +95,7 @@ pub enum Purpose {
 
 impl Purpose {
     /// The purpose with wire value `v`, if known.
-    pub fn from_u8(v: u8) -> Option<Self> {
+    pub const fn from_u8(v: u8) -> Option<Self> {
         Some(match v {
             0 => Purpose::Necessary,
             1 => Purpose::Analytics,
@@ -106,7 +106,7 @@ impl Purpose {
     }
 
     /// The purpose's bit in a consent mask.
-    pub fn bit(self) -> u8 {
+    pub const fn bit(self) -> u8 {
         1 << (self as u8)
     }
 }

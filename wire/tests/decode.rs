@@ -362,7 +362,7 @@ proptest! {
     fn batches_assembled_from_pieces_are_the_encoded_batch(b in arb_batch(), sent_at in any::<i64>()) {
         let pieces: Vec<Vec<u8>> = b.events.iter().map(wire::encode::event).collect();
         let bytes = wire::encode::assemble(
-            &b.write_key,
+            b.write_key.as_bytes(),
             b.sent_at_ms,
             b.consent,
             &wire::encode::context(&b.context),

@@ -18,7 +18,7 @@
 //!
 //! `www/t/` is not committed and is rebuilt every time, `snippet.min.js` included (the size
 //! report measures it, and a site can copy it from there). `--check` also enforces the size
-//! budget, which `cargo xtask test` does not run yet: the tracker is over it.
+//! budget; `cargo xtask test` runs it as one of its steps.
 //!
 //! Tools are installed under `target/tools` on first use and reused while their versions
 //! match: the wasm32 target (rustup), `wasm-bindgen-cli` of exactly the version of the

@@ -52,8 +52,8 @@ enum Task {
     /// Installs what it needs under target/tools on first use: the wasm32 target,
     /// wasm-bindgen-cli matching the wasm-bindgen crate, wasm-opt and terser from npm.
     BuildTracker {
-        /// Change no page: fail when a page's inline snippet differs from the built one
-        /// (`cargo xtask test` checks this too) or when the files are over the size budget.
+        /// Change no page: fail when a page's inline snippet differs from the built one or
+        /// when the files are over the size budget (`cargo xtask test` runs this).
         #[arg(long)]
         check: bool,
     },
