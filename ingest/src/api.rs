@@ -73,6 +73,8 @@ pub struct AppState {
 /// [`crate::serve`] provides it).
 pub fn router(state: AppState) -> Router {
     let config = state.config.clone();
+    // Requests in flight and body deadlines (`overload`): one set of limits per router.
+    let shedder = crate::overload::LoadShedder::new(&config);
     let origins: Vec<HeaderValue> = config
         .write_keys
         .iter()
@@ -97,6 +99,11 @@ pub fn router(state: AppState) -> Router {
         .max_age(Duration::from_secs(86_400));
     let batches = Router::new()
         .route(&config.batch_path, post(collect))
+        // Inside the CORS layer, so that a browser can read a 503 or 408.
+        .layer(axum::middleware::from_fn_with_state(
+            shedder.clone(),
+            crate::overload::batches,
+        ))
         .layer(cors);
     let mut app = Router::new()
         .merge(batches)
@@ -110,7 +117,12 @@ pub fn router(state: AppState) -> Router {
     if let Some(dir) = &config.www_dir {
         app = app.fallback_service(ServeDir::new(dir));
     }
-    app.layer(TraceLayer::new_for_http()).with_state(state)
+    app.layer(axum::middleware::from_fn_with_state(
+        shedder,
+        crate::overload::api,
+    ))
+    .layer(TraceLayer::new_for_http())
+    .with_state(state)
 }
 
 /// The answer to an accepted batch.

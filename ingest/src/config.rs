@@ -75,6 +75,8 @@ pub struct Config {
     pub sources: std::collections::BTreeMap<String, SourceConfig>,
     /// Serve HTTPS with this certificate and key (`[tls]`); default plain HTTP.
     pub tls: Option<crate::tls::TlsConfig>,
+    /// Requests in flight, connections and slow clients (`crate::overload`).
+    pub overload: crate::overload::OverloadConfig,
 }
 
 impl Default for Config {
@@ -101,6 +103,7 @@ impl Default for Config {
             consent: ConsentConfig::default(),
             sources: std::collections::BTreeMap::new(),
             tls: None,
+            overload: crate::overload::OverloadConfig::default(),
         }
     }
 }

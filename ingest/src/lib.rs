@@ -20,11 +20,14 @@
 //!   [`replay`]: the task that applies them when it answers again.
 //! - [`tls`]: serving HTTPS itself ([`tls::TlsListener`]).
 //! - [`error`]: the one API error type and its JSON shape.
+//! - [`overload`]: limits on requests in flight (503 beyond them), connections, and slow
+//!   clients (header and body deadlines); the HTTP/1 server loop.
 
 pub mod api;
 pub mod auth;
 pub mod config;
 pub mod error;
+pub mod overload;
 pub mod pipeline;
 pub mod ratelimit;
 pub mod rebuild;
@@ -36,11 +39,9 @@ pub mod store;
 pub mod tls;
 
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context as _;
-use axum::serve::ListenerExt as _;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -52,11 +53,14 @@ pub use rebuild::Rebuilder;
 pub use scheduler::Scheduler;
 
 /// Connects to Redis and serves until `shutdown` completes, then lets in-flight requests
-/// finish for at most `config.shutdown_timeout`. Unless `scheduler.enabled` is false, the
-/// deadline scheduler runs alongside and stops with the server. When the segment
-/// definitions differ from those recorded in Redis, the segment rebuild runs alongside too,
-/// until it is done or the server stops. With `spool.enabled`, batches go to the local spool
-/// while Redis does not answer, and its replayer applies them once it does.
+/// finish for at most `config.shutdown_timeout`. Requests beyond `config.overload`'s limits
+/// are refused with 503, and slow clients are cut off ([`overload`]). Unless
+/// `scheduler.enabled` is false, the deadline scheduler runs alongside and stops with the
+/// server. When the segment definitions differ from those recorded in Redis, the segment
+/// rebuild runs alongside too, until it is done or the server stops. With `spool.enabled`,
+/// batches go to the local spool while Redis does not answer, and its replayer applies them
+/// once it does; it is closed (everything appended synced) after the last request is
+/// answered.
 ///
 /// # Errors
 /// Redis cannot be reached at start (schema mismatch included), or the server fails.
@@ -71,6 +75,10 @@ pub async fn serve(
         Some(t) => Some((tls::acceptor(t)?, t.handshake_timeout)),
         None => None,
     };
+    config
+        .overload
+        .validate()
+        .map_err(|e| anyhow::anyhow!("configuration: overload.{e}"))?;
     let store = profile_cache::RedisProfiles::connect(&config.redis_url, config.profiles.clone())
         .await
         .with_context(|| format!("connecting to redis at {}", redact(&config.redis_url)))?
@@ -122,24 +130,28 @@ pub async fn serve(
         spool: spool.as_ref().map(|(spool, _)| spool.clone()),
     };
     info!(addr = %listener.local_addr()?, https = tls.is_some(), "collector listening");
-    // The peer's address reaches handlers as `ConnectInfo`: the per-client rate limit needs it.
-    let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+    let overload = state.config.overload;
     let shutdown = async move {
         shutdown.await;
         let _ = stopping_tx.send(true);
     };
+    // The peer's address reaches handlers as `ConnectInfo`: the per-client rate limit needs it.
     let server = match tls {
         Some((acceptor, handshake_timeout)) => {
-            // `tap_io` gives a custom listener the `ConnectInfo<SocketAddr>` of plain TCP.
-            let listener =
-                tls::TlsListener::new(listener, acceptor, handshake_timeout)?.tap_io(|_| {});
-            let server = axum::serve(listener, app).with_graceful_shutdown(shutdown);
-            tokio::spawn(async move { server.await })
+            let listener = tls::TlsListener::new(listener, acceptor, handshake_timeout)?;
+            tokio::spawn(overload::serve_http(
+                listener,
+                router(state),
+                overload,
+                shutdown,
+            ))
         }
-        None => {
-            let server = axum::serve(listener, app).with_graceful_shutdown(shutdown);
-            tokio::spawn(async move { server.await })
-        }
+        None => tokio::spawn(overload::serve_http(
+            listener,
+            router(state),
+            overload,
+            shutdown,
+        )),
     };
     // Once shutdown starts, in-flight requests (and the scheduler's round) get `timeout` to
     // finish.
@@ -152,7 +164,7 @@ pub async fn serve(
     };
     tokio::pin!(stopped);
     tokio::select! {
-        result = server => result.context("server task failed")?.context("server failed")?,
+        result = server => result.context("server task failed")?,
         () = &mut stopped => warn!(?timeout, "in-flight requests did not finish in time"),
     }
     if let Some(scheduler) = scheduler {

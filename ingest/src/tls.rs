@@ -47,7 +47,7 @@ fn default_handshake_timeout() -> Duration {
 const BACKLOG: usize = 128;
 
 /// The acceptor for `config`: the certificate chain and key read and checked now, so a
-/// bad file stops the collector at start, HTTP/2 and HTTP/1.1 offered.
+/// bad file stops the collector at start, HTTP/1.1 offered.
 ///
 /// # Errors
 /// A file cannot be read, holds no certificate or no key, or the key does not match.
@@ -67,7 +67,9 @@ pub fn acceptor(config: &TlsConfig) -> anyhow::Result<TlsAcceptor> {
         .with_no_client_auth()
         .with_single_cert(chain, key)
         .context("tls: the key does not fit the certificate")?;
-    server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // The server loop (`overload::serve_http`) speaks HTTP/1.1 only: offering h2 would make
+    // clients that pick it fail.
+    server.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(server)))
 }
 
