@@ -9,13 +9,13 @@
 mod support;
 
 use std::io::Write;
-use std::process::{Child, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Output, Stdio};
+use std::time::Duration;
 
 use reqwest::StatusCode;
 use reqwest::blocking::Client;
 use serde_json::{Value, json};
-use support::{RedisServer, free_port, ingest_command, redis_json};
+use support::{Ingest, RedisServer, free_port, ingest_command, redis_json};
 
 const WRITE_KEY: &str = "access-key";
 const CRM_TOKEN: &str = "crm-token-0123456789";
@@ -57,48 +57,19 @@ fn sha256_of(token: &str) -> String {
 }
 
 /// A collector started from `toml` (listen address added); killed on drop.
-struct Collector {
-    child: Child,
-    port: u16,
-    _config: tempfile::NamedTempFile,
-}
+struct Collector(Ingest);
 
 impl Collector {
     fn start(toml: &str) -> Collector {
         let port = free_port();
-        let mut config = tempfile::NamedTempFile::new().unwrap();
-        write!(config, "listen = \"127.0.0.1:{port}\"\n{toml}").unwrap();
-        let child = ingest_command()
-            .arg("--config")
-            .arg(config.path())
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("spawn ingest");
-        let collector = Collector {
-            child,
+        Collector(Ingest::start_config(
             port,
-            _config: config,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if reqwest::blocking::get(collector.url("/readyz")).is_ok_and(|r| r.status() == 200) {
-                return collector;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!("ingest on port {port} did not become ready");
+            &format!("listen = \"127.0.0.1:{port}\"\n{toml}"),
+        ))
     }
 
     fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
-    }
-}
-
-impl Drop for Collector {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.0.url(path)
     }
 }
 
