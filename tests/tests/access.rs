@@ -15,7 +15,7 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use reqwest::blocking::Client;
 use serde_json::{Value, json};
-use support::{Ingest, RedisServer, free_port, ingest_command, redis_json};
+use support::{Ingest, RedisServer, free_port, ingest_command, now_ms, redis_json};
 
 const WRITE_KEY: &str = "access-key";
 const CRM_TOKEN: &str = "crm-token-0123456789";
@@ -26,13 +26,6 @@ fn client() -> Client {
         .timeout(Duration::from_secs(10))
         .build()
         .unwrap()
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
 }
 
 /// `ingest hash-token` with `token` on stdin.

@@ -9,7 +9,7 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use reqwest::blocking::{Client, Response};
 use serde_json::{Value, json};
-use support::{Ingest, ORIGIN, RedisServer, TOKEN, WRITE_KEY, redis_json};
+use support::{Ingest, ORIGIN, RedisServer, TOKEN, WRITE_KEY, now_ms, redis_json};
 
 fn client() -> Client {
     Client::builder()
@@ -20,13 +20,6 @@ fn client() -> Client {
 
 fn id(n: u32) -> [u8; 16] {
     *uuid::Uuid::from_u128(0xabcd_0000_0000 + u128::from(n)).as_bytes()
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
 }
 
 fn item(product: &str, category: &str, price: i64, quantity: u32) -> wire::Item {

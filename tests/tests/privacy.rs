@@ -15,7 +15,7 @@ use profile_cache::privacy::hash_id;
 use reqwest::StatusCode;
 use reqwest::blocking::Client;
 use serde_json::{Value, json};
-use support::{Ingest, RedisServer, free_port, redis_json};
+use support::{Ingest, RedisServer, free_port, now_ms, redis_json};
 
 const WRITE_KEY: &str = "privacy-key";
 const DPO_TOKEN: &str = "dpo-token-0123456789";
@@ -29,13 +29,6 @@ fn client() -> Client {
         .timeout(Duration::from_secs(30))
         .build()
         .unwrap()
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
 }
 
 /// A collector started from `toml` (listen address added); killed on drop.

@@ -9,7 +9,7 @@ use std::time::Duration;
 use reqwest::StatusCode;
 use reqwest::blocking::{Client, Response};
 use serde_json::{Value, json};
-use support::{Ingest, RedisServer, TOKEN, WRITE_KEY, redis_json};
+use support::{Ingest, RedisServer, TOKEN, WRITE_KEY, now_ms, redis_json};
 
 const DEMO_SEGMENTS: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
@@ -21,13 +21,6 @@ fn client() -> Client {
         .timeout(Duration::from_secs(10))
         .build()
         .unwrap()
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
 }
 
 fn ev(n: u128, kind: wire::EventKind) -> wire::Event {

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-use support::{free_port, ingest_command};
+use support::{free_port, ingest_command, now_ms};
 
 struct Certs {
     ca: PathBuf,
@@ -136,7 +136,7 @@ fn https(port: u16, ca_der: &[u8], request: &[u8]) -> (u16, String) {
 }
 
 fn batch() -> Vec<u8> {
-    let now = time_ms();
+    let now = now_ms();
     wire::encode(&wire::Batch {
         write_key: "tls-key".into(),
         sent_at_ms: now,
@@ -153,13 +153,6 @@ fn batch() -> Vec<u8> {
             ..Default::default()
         }],
     })
-}
-
-fn time_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
 }
 
 #[test]

@@ -19,6 +19,14 @@ pub const TOKEN: &str = "e2e-reader-token";
 pub const TOKEN_SHA256: &str = "2d322c4212048209849d8ae06f985be7df342a4af41b95b46a2ef5c4f54f66af";
 pub const ORIGIN: &str = "https://shop.example";
 
+/// Now, Unix ms.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
 /// The ingest binary: `INGEST_BIN` (set by `cargo xtask test`) or `target/debug/ingest`.
 pub fn ingest_bin() -> PathBuf {
     let path = std::env::var_os("INGEST_BIN")
