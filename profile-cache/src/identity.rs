@@ -17,6 +17,8 @@
 //! link is refused and recorded as `refused` in its `merges` hash); a user profile takes at
 //! most [`crate::ProfileConfig::max_anonymous_ids`] anonymous ids (`limit`).
 
+use std::sync::LazyLock;
+
 use redis::Value;
 use serde::Deserialize;
 use time::OffsetDateTime;
@@ -28,9 +30,16 @@ use crate::script::{self, millis};
 use crate::store::{RedisProfiles, StoreError};
 
 /// The script of the anonymous side of a merge.
-pub(crate) fn merge_script() -> redis::Script {
-    redis::Script::new(include_str!("merge.lua"))
-}
+static MERGE: LazyLock<redis::Script> =
+    LazyLock::new(|| redis::Script::new(include_str!("merge.lua")));
+
+/// Replaces `folded` in a user profile's `merges` hash with the time the merge finished.
+static RECORD_FINISHED: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        "if redis.call('HGET', KEYS[1], ARGV[1]) == 'folded' then \
+           redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end return 0",
+    )
+});
 
 /// What the apply script answered for one update.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -134,7 +143,7 @@ impl RedisProfiles {
             });
         }
         let mut conn = self.conn.clone();
-        let script = merge_script();
+        let script = &*MERGE;
         let anonymous = ProfileKeys::new(source);
         let call = |op: &str, segments: &[String]| {
             let mut inv = script.prepare_invoke();
@@ -225,12 +234,8 @@ impl RedisProfiles {
         target: &ProfileId,
         now: OffsetDateTime,
     ) -> Result<(), StoreError> {
-        let script = redis::Script::new(
-            "if redis.call('HGET', KEYS[1], ARGV[1]) == 'folded' then \
-               redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end return 0",
-        );
         let mut conn = self.conn.clone();
-        let _: i64 = script
+        let _: i64 = RECORD_FINISHED
             .key(keys::merges(target))
             .arg(source.as_str())
             .arg(millis(now))
